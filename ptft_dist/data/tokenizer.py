@@ -1,0 +1,97 @@
+"""The corpus tokenizer: trained WordPiece (HF ``tokenizers``) or an adopted HF tokenizer directory.
+
+Whatever its origin, the tokenizer is saved as a plain Hugging Face tokenizer directory inside
+the corpus, so it travels unchanged into checkpoints and exported models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from ptft_dist.config import TokenizerConfig
+from ptft_dist.data.inputs import InputError
+
+SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str | Path, cfg: TokenizerConfig) -> None:
+    """BERT-style WordPiece: BERT normaliser and pre-tokenizer, [CLS] A [SEP] B [SEP] template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = list(SPECIAL_TOKENS.values())
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=cfg.lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
+        continuing_subword_prefix="##", show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    if tok.get_vocab_size() <= len(specials):
+        raise InputError("tokenizer training saw no text (is the cleaned corpus empty?)")
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    save_hf_tokenizer(tok, out_dir, lowercase=cfg.lowercase)
+
+
+def save_hf_tokenizer(tok, out_dir: str | Path, lowercase: bool = True) -> None:
+    """Wrap a ``tokenizers.Tokenizer`` as a BERT fast tokenizer and ``save_pretrained`` it."""
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    kwargs = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+    try:
+        hf = BertTokenizerFast(tokenizer_object=tok, do_lower_case=lowercase, **kwargs)
+    except (TypeError, ValueError):  # older/newer transformers differ in what they accept
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out))
+    vocab = out / "vocab.txt"
+    if not vocab.exists():  # keep a vocab.txt: slow-tokenizer users and whole-word masking read it
+        inv = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        vocab.write_text("".join(t + "\n" for t, _ in inv))
+
+
+def adopt_tokenizer(path: str | Path, out_dir: str | Path) -> None:
+    """Copy an existing HF (fast) tokenizer directory into the corpus, checking it has BERT's specials."""
+    from transformers import AutoTokenizer
+
+    src = Path(path)
+    if not src.is_dir():
+        raise InputError(f"prepare.tokenizer.path: {src} is not a directory")
+    try:
+        hf = AutoTokenizer.from_pretrained(str(src), use_fast=True)
+    except Exception as exc:
+        raise InputError(f"prepare.tokenizer.path: {src}: cannot load tokenizer ({exc})") from None
+    if not getattr(hf, "is_fast", False):
+        raise InputError(f"prepare.tokenizer.path: {src}: needs a fast tokenizer (tokenizer.json)")
+    missing = [t for t in SPECIAL_TOKENS.values() if hf.convert_tokens_to_ids(t) in (None, hf.unk_token_id) and t != "[UNK]"]
+    if missing:
+        raise InputError(f"prepare.tokenizer.path: {src}: lacks special tokens {missing}")
+    hf.save_pretrained(str(out_dir))
+    if not (Path(out_dir) / "tokenizer.json").exists():
+        hf.backend_tokenizer.save(str(Path(out_dir) / "tokenizer.json"))
+
+
+def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    ids = {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+    missing = [SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
+    if missing:
+        raise InputError(f"{tokenizer_dir}: tokenizer lacks special tokens {missing}")
+    return ids  # type: ignore[return-value]
+
+
+def vocab_size(tokenizer_dir: str | Path) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the tests need, starts nothing by hand
+# (the SLURM fixture starts and stops its own daemons), runs the whole suite.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh --dev
+bash scripts/install_system_deps.sh
+export PTFT_REQUIRE_SLURM=${PTFT_REQUIRE_SLURM:-1}
+export PTFT_CACHE=${PTFT_CACHE:-$HOME/.cache/ptft}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

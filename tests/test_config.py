@@ -1,0 +1,73 @@
+"""Config schema: YAML + dotted overrides, type checks, closest-key hints, resolved copy."""
+
+import pytest
+import yaml
+
+from ptft_dist.config import Config, ConfigError, config_hash, load_config, save_resolved, schema_reference
+
+
+def test_yaml_and_overrides_combine(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prepare:\n  workers: 3\n  tokenizer:\n    vocab_size: 1000\n")
+    cfg = load_config(path, ["prepare.tokenizer.vocab_size=2000", "prepare.dedup.threshold=0.7",
+                             "prepare.tokenizer.path=/x/y", "data.whole_word_mask=true"])
+    assert cfg.prepare.workers == 3
+    assert cfg.prepare.tokenizer.vocab_size == 2000
+    assert cfg.prepare.dedup.threshold == pytest.approx(0.7)
+    assert cfg.prepare.tokenizer.path == "/x/y"
+    assert cfg.data.whole_word_mask is True
+
+
+def test_int_is_accepted_for_float_and_none_for_optional():
+    cfg = load_config(None, ["prepare.shard_size_mb=2", "prepare.tokenizer.path=null"])
+    assert cfg.prepare.shard_size_mb == 2.0 and isinstance(cfg.prepare.shard_size_mb, float)
+    assert cfg.prepare.tokenizer.path is None
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("prepare.tokenizer.vocab_sise=10", "did you mean 'prepare.tokenizer.vocab_size'"),
+        ("prepar.workers=2", "did you mean 'prepare'"),
+        ("prepare.workers=two", "prepare.workers: expected an integer"),
+        ("prepare.executor=k8s", "not one of ['local', 'slurm']"),
+        ("prepare.dedup.near=maybe", "expected true/false"),
+        ("prepare.workers", "not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_file_and_closest_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("prepare:\n  shard_size_mbs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "prepare.shard_size_mb" in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "x.yaml"
+    bad.write_text("prepare: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_copy_round_trips(tmp_path):
+    cfg = load_config(None, ["prepare.workers=5", "data.max_seq_len=256"])
+    path = save_resolved(cfg, tmp_path)
+    again = load_config(path)
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    assert config_hash(Config()) != config_hash(cfg)
+    assert yaml.safe_load(path.read_text())["prepare"]["workers"] == 5
+
+
+def test_schema_reference_lists_nested_keys():
+    ref = schema_reference()
+    assert "`prepare.tokenizer.vocab_size`" in ref and "`data.mlm_probability`" in ref
