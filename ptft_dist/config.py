@@ -96,22 +96,31 @@ class PrepareConfig:
 
 @dataclass
 class DataConfig:
-    """How the corpus becomes training samples (see ptft_dist/data/samples.py)."""
+    """How the corpus becomes training samples (see ptft_dist/data/samples.py and stream.py)."""
 
-    corpus: str = ""
+    corpus: str = ""  # corpus dir: a local path or any fsspec URL (s3://, gs://, https://, ...)
     max_seq_len: int = 128
-    short_seq_prob: float = 0.1
-    nsp: bool = True
+    short_seq_prob: float = 0.1  # share of chunks with a random shorter target length
+    nsp: bool = True  # False: MLM only, one contiguous segment per sample (RoBERTa-style)
     mlm_probability: float = 0.15
-    mask_replace_prob: float = 0.8
-    random_replace_prob: float = 0.1
-    whole_word_mask: bool = False
+    mask_replace_prob: float = 0.8  # of the chosen tokens: [MASK]
+    random_replace_prob: float = 0.1  # of the chosen tokens: a random token (the rest stay unchanged)
+    whole_word_mask: bool = False  # mask all WordPiece pieces of a word together
+    max_predictions_per_seq: int = 0  # cap on masked positions per sequence (0 = none)
+    pad_to_multiple_of: int = 1  # pad each micro-batch to the longest sample, rounded up to this
     seed: int = 42
-    shuffle_window_shards: int = 4
-    num_workers: int = 1
-    cache_dir: Optional[str] = None
-    cache_limit_gb: float = 20.0
-    prefetch_shards: int = 2
+    shuffle_window_shards: int = 4  # shard order shuffled per epoch; samples shuffled within this many shards
+    num_workers: int = 1  # DataLoader worker processes per rank
+    prefetch_factor: int = 4  # micro-batches each worker prepares ahead
+    cache_dir: Optional[str] = None  # node-local shard cache (default: $PTFT_CACHE_DIR or <tmp>/ptft-cache-<uid>)
+    cache_limit_gb: float = 20.0  # LRU eviction beyond this
+    prefetch_shards: int = 4  # upcoming shards fetched (remote) or verified (local) in the background
+    fetch_retries: int = 3  # attempts after the first for a failing remote read
+    fetch_backoff_s: float = 0.5  # first retry delay, doubled each attempt
+    verify_checksums: bool = True  # sha256 of every shard when it arrives / is first opened
+    expected_tokenizer: Optional[str] = None  # tokenizer hash or directory the run expects; other corpora refused
+    validation_max_samples: int = 0  # evaluate on the first N samples of the fixed validation order (0 = all)
+    storage_options: dict = field(default_factory=dict)  # passed to fsspec (credentials, endpoint, ...)
 
 
 # --------------------------------------------------------------------------- root

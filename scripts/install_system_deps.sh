@@ -49,9 +49,14 @@ if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     log "missing packages: ${missing[*]}; run this script as root" && exit 1
   fi
+  aptlog=$(mktemp)
+  trap 'rm -f "$aptlog"' EXIT
+  quiet() {  # run quietly; show the output only when the command fails
+    "$@" >"$aptlog" 2>&1 || { cat "$aptlog" >&2; log "FAILED: $*"; exit 1; }
+  }
   if [[ ${PTFT_APT_UPDATE:-1} != 0 ]]; then
     log "apt-get update"
-    apt-get update -qq >/dev/null
+    quiet apt-get update -qq
   fi
   installable=()
   for p in "${missing[@]}"; do
@@ -64,15 +69,18 @@ if ((${#missing[@]})); then
   if ((${#installable[@]})); then
     log "installing: ${installable[*]}"
     start=$SECONDS
-    apt-get install -y -qq --no-install-recommends \
+    quiet apt-get install -y -qq --no-install-recommends \
       -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-      "${installable[@]}" >/dev/null
+      "${installable[@]}"
     log "installed in $((SECONDS - start)) s"
   fi
 fi
 
-# munge key: generated once, owned by the munge user, mode 0400.
-if getent passwd munge >/dev/null; then
+# System munge key (the test cluster uses its own private key; this is for a normal munged):
+# generated once, owned by the munge user, mode 0400.
+if [[ $(id -u) -ne 0 ]]; then
+  :  # not root: nothing to fix up (the test cluster needs root anyway)
+elif getent passwd munge >/dev/null; then
   key=/etc/munge/munge.key
   if [[ ! -s $key ]]; then
     log "generating $key"

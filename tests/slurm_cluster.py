@@ -1,7 +1,7 @@
 """A real, private SLURM cluster on this host, for tests.
 
 ``SlurmCluster`` writes a ``slurm.conf`` whose every path (state, spool, pid, log, TmpFS) lies under
-one directory, starts ``munged`` (only if no munge daemon answers), ``slurmctld`` and one ``slurmd``
+one directory, starts a private ``munged`` (own key and socket), ``slurmctld`` and one ``slurmd``
 per fake node (``n1``, ``n2``, ...: all on this host, each on its own port, ``NodeAddr=127.0.0.1``),
 and waits until ``sinfo`` reports every node idle. ``stop()`` cancels the jobs, then ends exactly the
 daemons it started.
@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -118,6 +119,8 @@ class SlurmCluster:
         self.mpi_default = "none"
         self._procs: dict[str, subprocess.Popen] = {}
         self._munged: subprocess.Popen | None = None
+        self._munge_dir: Path | None = None
+        self.munge_socket = ""
         self._script_count = 0
         self._started = False
 
@@ -153,11 +156,11 @@ class SlurmCluster:
             ports = free_ports(self.nodes + 1)
             self.ctld_port, node_ports = ports[0], ports[1:]
             self.node_ports = dict(zip(self.node_names, node_ports, strict=True))
+            self._start_munge()
             self._write_conf("none")
             self.mpi_default = self._pick_mpi_default()
             if self.mpi_default != "none":
                 self._write_conf(self.mpi_default)
-            self._ensure_munge()
             self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf_path)])
             for name in self.node_names:
                 self._spawn(f"slurmd-{name}", ["slurmd", "-D", "-N", name, "-f", str(self.conf_path)])
@@ -179,14 +182,17 @@ class SlurmCluster:
             atexit.unregister(self.stop)
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
             self._cancel_all_jobs(timeout=15.0)
-        # slurmd first (they own the job steps), then the controller, then munged if it is ours.
+        # slurmd first (they own the job steps), then the controller, then our munged.
         order = [k for k in self._procs if k.startswith("slurmd")] + [k for k in self._procs if k == "slurmctld"]
         self._terminate([self._procs[k] for k in order])
         self._procs.clear()
         if self._munged is not None:
             self._terminate([self._munged])
             self._munged = None
-        for sub in ("state", "spool", "run", "tmp"):
+        if self._munge_dir is not None:
+            shutil.rmtree(self._munge_dir, ignore_errors=True)
+            self._munge_dir = None
+        for sub in ("state", "spool", "run", "tmp", "munge"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
         if remove:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -292,6 +298,7 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/run/slurmctld.pid",
@@ -335,47 +342,57 @@ class SlurmCluster:
         return "pmix" if re.search(r"\bpmix\b", text) else "none"
 
     def _munge_ok(self) -> bool:
+        sock = f"--socket={self.munge_socket}"
         try:
-            enc = subprocess.run(["munge", "-n"], capture_output=True, timeout=5)
+            enc = subprocess.run(["munge", "-n", sock], capture_output=True, timeout=5)
             if enc.returncode != 0:
                 return False
-            dec = subprocess.run(["unmunge"], input=enc.stdout, capture_output=True, timeout=5)
+            dec = subprocess.run(["unmunge", sock], input=enc.stdout, capture_output=True, timeout=5)
             return dec.returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             return False
 
-    def _ensure_munge(self) -> None:
-        if self._munge_ok():
-            return
-        key = Path("/etc/munge/munge.key")
+    def _start_munge(self) -> None:
+        """A private munged: own random key (root-owned, 0400) and own socket (``AuthInfo=socket=``).
+
+        Nothing is shared with a system munged, so stopping ours cannot break anyone else's cluster.
+        munged wants every directory above its socket world-executable, which a pytest tmp dir is
+        not (0700): the socket lives in a fresh ``/tmp/ptft-munge-*`` directory instead.
+        """
+        mdir = self.root / "munge"
+        mdir.mkdir(mode=0o700, exist_ok=True)
+        key = mdir / "munge.key"
         if not key.exists():
-            raise SlurmError(f"{key} is missing: run scripts/install_system_deps.sh")
-        for d in ("/run/munge", "/var/lib/munge", "/var/log/munge"):
-            Path(d).mkdir(parents=True, exist_ok=True)
-            shutil.chown(d, "munge", "munge")
-        log = open(self.log_dir / "munged.out", "ab")  # noqa: SIM115 - stays open for the daemon's life
-        self._munged = subprocess.Popen(
-            ["munged", "--foreground"],
-            user="munge",
-            group="munge",
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        self._munge_dir = Path(tempfile.mkdtemp(prefix="ptft-munge-"))
+        self._munge_dir.chmod(0o755)
+        self.munge_socket = str(self._munge_dir / "munge.socket")
+        self._munged = self._popen(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self.root}/run/munged.pid",
+                f"--seed-file={mdir}/munged.seed",
+                f"--log-file={self.log_dir}/munged.log",
+            ],
         )
-        log.close()
         deadline = time.monotonic() + 10
         while not self._munge_ok():
             if self._munged.poll() is not None or time.monotonic() > deadline:
-                raise SlurmError(
-                    f"munged did not come up (exit {self._munged.poll()})\n{_tail(self.log_dir / 'munged.out')}\n"
-                    f"{_tail(Path('/var/log/munge/munged.log'))}"
-                )
+                raise SlurmError(f"munged did not come up (exit {self._munged.poll()})\n{self.log_tail()}")
             time.sleep(0.05)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
+        self._procs[name] = self._popen(name, argv)
+
+    def _popen(self, name: str, argv: list[str]) -> subprocess.Popen:
+        """Start a daemon in the foreground (so we hold its pid), output to ``log/<name>.out``."""
         out = open(self.log_dir / f"{name}.out", "ab")  # noqa: SIM115 - stays open for the daemon's life
-        self._procs[name] = subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
             env=self.env,
             cwd=self.root,
@@ -385,6 +402,7 @@ class SlurmCluster:
             start_new_session=True,  # Ctrl-C on pytest does not hit the daemons; stop() ends them
         )
         out.close()
+        return proc
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

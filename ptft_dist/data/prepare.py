@@ -18,9 +18,12 @@ after a crash skips finished work. The manifest appears only when every shard ex
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,8 +78,8 @@ class _Stage:
 
 
 def build_stages(sources: list[Source], cfg: PrepareConfig, out: Path) -> list[_Stage]:
-    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactFindDedups
-    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactFindDedups
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
@@ -87,7 +90,8 @@ def build_stages(sources: list[Source], cfg: PrepareConfig, out: Path) -> list[_
     exact_cfg = ExactDedupConfig(content_getter=st.text_for_exact_hash)
     mh_cfg = minhash_config(cfg)
 
-    ingest = [st.ReadSources(sources, cfg, str(work / "errors")), st.CleanAndScrub(cfg)]
+    ingest = [st.ReadSources(sources, cfg, str(work / "errors"), str(work / "progress" / "ingest")),
+              st.CleanAndScrub(cfg)]
     if cfg.dedup.exact:
         ingest.append(st.ExactSignaturePassThrough(output_folder=str(work / "exact_sigs"), config=exact_cfg))
     if cfg.dedup.near:
@@ -98,17 +102,17 @@ def build_stages(sources: list[Source], cfg: PrepareConfig, out: Path) -> list[_
     dedup = [JsonlReader(str(work / "cleaned"), glob_pattern="*.jsonl", compression=None)]
     if cfg.dedup.exact:
         stages.append(_Stage("exact", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact_cfg)], 1))
-        dedup.append(ExactDedupFilter(str(work / "exact_dups"), exact_cfg))
     if cfg.dedup.near:
-        stages.append(_Stage("buckets", [MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), mh_cfg)], mh_cfg.num_buckets))
-        stages.append(_Stage("cluster", [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), mh_cfg)], 1))
-        dedup.append(MinhashDedupFilter(str(work / "minhash_remove")))
-    dedup += [st.SplitSentences(cfg), JsonlWriter(str(work / "docs"), output_filename="${rank}.jsonl", compression=None)]
+        stages.append(_Stage("buckets", [MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), config=mh_cfg)], mh_cfg.num_buckets))
+        stages.append(_Stage("cluster", [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), config=mh_cfg)], 1))
+    dedup += [st.DropDuplicates(str(work / "exact_dups") if cfg.dedup.exact else None,
+                                str(work / "minhash_remove") if cfg.dedup.near else None),
+              st.SplitSentences(cfg), JsonlWriter(str(work / "docs"), output_filename="${rank}.jsonl", compression=None)]
     stages.append(_Stage("dedup", dedup, tasks))
     stages.append(_Stage("tokenizer", [st.TrainTokenizer(cfg, str(work / "docs"), str(out / "tokenizer"))], 1))
     stages.append(_Stage("encode", [
         JsonlReader(str(work / "docs"), glob_pattern="*.jsonl", compression=None),
-        st.EncodeShards(cfg, str(out), str(work / "shard_lists")),
+        st.EncodeShards(cfg, str(out), str(work / "shard_lists"), str(work / "progress" / "encode")),
     ], tasks))
     stages.append(_Stage("finalize", [st.Finalize(cfg, str(out))], 1))
     return stages
@@ -157,6 +161,7 @@ def _executors(stages: list[_Stage], cfg: PrepareConfig, out: Path):
 
 def prepare(inputs: list[str], output: str | Path, cfg: Config, overwrite: bool = False) -> Path:
     """Run the whole preparation; returns the corpus directory (or, on SLURM, after submitting)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before datatrove imports tqdm: its per-task bars are noise here
     pcfg = cfg.prepare
     out = Path(output).resolve()
     sources = resolve_sources(inputs)
@@ -166,9 +171,9 @@ def prepare(inputs: list[str], output: str | Path, cfg: Config, overwrite: bool 
     total_mb = sum(s.size for s in sources) / 2**20
     print(f"ptft prepare: {len(sources)} source(s), {total_mb:.1f} MB → {out}" + (" (resuming)" if resumed else ""),
           file=sys.stderr)
-    _quiet_console_logs()
     stages = build_stages(sources, pcfg, out)
     executors = _executors(stages, pcfg, out)
+    _quiet_console_logs()
     if pcfg.executor == "slurm":
         executors[-1].run()  # submits the whole chain through its `depends`
         print(f"ptft prepare: submitted {len(stages)} dependent SLURM jobs; the corpus is ready when "
@@ -177,13 +182,16 @@ def prepare(inputs: list[str], output: str | Path, cfg: Config, overwrite: bool 
     for i, (stage, ex) in enumerate(zip(stages, executors), 1):
         t0 = time.perf_counter()
         print(f"[{i}/{len(stages)}] {stage.name:<9} ({stage.tasks} task{'s' if stage.tasks > 1 else ''})",
-              end="", file=sys.stderr, flush=True)
+              file=sys.stderr, flush=True)
         try:
-            ex.run()
+            with StageProgress(out / WORK_DIR / "progress" / stage.name, _progress_total(stage.name, sources, out)):
+                ex.run()
         except Exception as exc:
             print(" failed", file=sys.stderr)
             raise _explain_failure(out, stage.name, exc) from None
-        print(f" done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(f"      done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        if stage.name == "ingest":
+            _check_ingest(out)
         _record_time(out, stage.name, time.perf_counter() - t0)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # the manifest now vouches for the corpus
     from ptft_dist.data.report import print_report
@@ -192,12 +200,73 @@ def prepare(inputs: list[str], output: str | Path, cfg: Config, overwrite: bool 
     return out
 
 
+def _progress_total(stage: str, sources: list[Source], out: Path) -> tuple[int, str] | None:
+    """What a stage's progress bar counts: raw bytes while ingesting, documents while encoding."""
+    if stage == "ingest":
+        return sum(s.size for s in sources), "B"
+    if stage == "encode":
+        from ptft_dist.data.report import _pick, _stage_metrics
+
+        counts = _pick(_stage_metrics(out / WORK_DIR, "dedup"), "sentences")
+        return counts.get("train_docs", 0) + counts.get("validation_docs", 0), "doc"
+    return None
+
+
+class StageProgress:
+    """A console bar fed by the counters that tasks leave in ``progress/RANK`` (works across processes)."""
+
+    def __init__(self, folder: Path, total: tuple[int, str] | None):
+        self.folder, self.total = folder, total
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> int:
+        n = 0
+        for f in self.folder.glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                n += int(f.read_text() or 0)
+        return n
+
+    def _loop(self) -> None:
+        from tqdm import tqdm
+
+        total, unit = self.total or (None, "it")
+        with tqdm(total=total or None, unit=unit, unit_scale=True, leave=False, disable=False,
+                  file=sys.stderr, mininterval=1.0) as bar:
+            while not self._stop.wait(1.0):
+                bar.n = self._read()
+                bar.refresh()
+
+    def __enter__(self) -> StageProgress:
+        if self.total is not None and sys.stderr.isatty():
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+
 def _quiet_console_logs() -> None:
     """datatrove logs every task to the console by default; keep warnings only (details are in files)."""
     from loguru import logger
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+
+
+def _check_ingest(out: Path) -> None:
+    """Stop early, before dedup and tokenizer training, when there is nothing to prepare."""
+    from ptft_dist.data.report import _pick, _stage_metrics
+
+    counts = _pick(_stage_metrics(out / WORK_DIR, "ingest"), "read")
+    if not counts.get("input_docs"):
+        raise InputError("the inputs contain no documents (empty files?)")
+    if not _pick(_stage_metrics(out / WORK_DIR, "ingest"), "clean+pii").get("clean_docs"):
+        raise InputError(f"all {counts['input_docs']} documents were dropped by the cleaning filters "
+                         "(see prepare.clean.*)")
 
 
 def _record_time(out: Path, stage: str, seconds: float) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature
@@ -44,6 +46,28 @@ def record_error(error_dir: str, rank: int, message: str) -> None:
     Path(error_dir, f"{rank:05d}.txt").write_text(message)
 
 
+class ProgressCounter:
+    """Publishes a task's running count to ``progress/RANK`` every few seconds, for the parent's bar."""
+
+    def __init__(self, folder: str | None, rank: int, every_s: float = 2.0):
+        self.path = Path(folder, f"{rank:05d}") if folder else None
+        self.count, self.every_s, self._last = 0, every_s, 0.0
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, n: int) -> None:
+        self.count += n
+        if self.path and time.monotonic() - self._last > self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.path:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(str(self.count))
+            tmp.replace(self.path)
+            self._last = time.monotonic()
+
+
 def _maybe_fail(stage: str, rank: int) -> None:
     """Test hook: PTFT_PREPARE_FAIL_AT=stage[:rank] raises inside that stage (crash-safety tests)."""
     spec = os.environ.get("PTFT_PREPARE_FAIL_AT", "")
@@ -57,25 +81,29 @@ class ReadSources(PipelineStep):
     name = "read"
     type = "📖 - READER"
 
-    def __init__(self, sources: list[Source], cfg: PrepareConfig, error_dir: str):
+    def __init__(self, sources: list[Source], cfg: PrepareConfig, error_dir: str, progress_dir: str | None = None):
         super().__init__()
-        self.sources, self.cfg, self.error_dir = sources, cfg, error_dir
+        self.sources, self.cfg, self.error_dir, self.progress_dir = sources, cfg, error_dir, progress_dir
 
     def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         counters = ReadCounters()
+        progress = ProgressCounter(self.progress_dir, rank)
         mine = assign_sources(self.sources, rank, world_size)
         streams = [(s.url, read_source(s, self.cfg, counters)) for s in mine]
         streams += [(s.url, read_hf(s, self.cfg, counters, rank, world_size)) for s in self.sources if s.is_hf]
         try:
             for src_i, (url, texts) in enumerate(streams):
                 for doc_i, text in enumerate(texts):
+                    nbytes = len(text.encode("utf-8"))
                     self.stat_update("input_docs")
-                    self.stat_update("input_bytes", value=len(text.encode("utf-8")))
+                    self.stat_update("input_bytes", value=nbytes)
+                    progress.add(nbytes)
                     yield Document(text=text, id=f"{rank}/{src_i}/{doc_i}", metadata={"source": url})
                 self.stat_update("input_files")
         except InputError as exc:
             record_error(self.error_dir, rank, str(exc))
             raise
+        progress.flush()
         self.stat_update("decode_replaced", value=counters.decode_replaced)
         self.stat_update("bad_json_skipped", value=counters.bad_json_skipped)
 
@@ -92,8 +120,9 @@ class CleanAndScrub(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         from ptft_dist.data.clean import clean_document
-        from ptft_dist.data.pii import scrub_pii
 
+        if self.cfg.pii.enabled:
+            from ptft_dist.data.pii import scrub_pii
         for doc in data:
             text, reason = clean_document(doc.text, self.cfg.clean)
             if text is None:
@@ -146,6 +175,41 @@ class MinhashSignaturePassThrough(MinhashDedupSignature):
         self.skip_existing_sigs = True
         for _ in MinhashDedupSignature.run(self, iter(()), rank, world_size) or ():
             pass
+
+
+class DropDuplicates(PipelineStep):
+    """Drop the exact and near duplicates found across the corpus, in one pass over the cleaned docs.
+
+    datatrove's own filters address documents by position in the stream they receive, so two of
+    them in a row would misalign; this step reads both removal lists against the original positions.
+    """
+
+    name = "dedup"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, exact_dir: str | None, near_dir: str | None):
+        super().__init__()
+        self.exact_dir, self.near_dir = exact_dir, near_dir
+
+    def _indices(self, rank: int) -> tuple[set[int], set[int]]:
+        exact: set[int] = set()
+        if self.exact_dir:
+            for f in Path(self.exact_dir).glob(f"*/{rank:05d}.c4_dup"):
+                exact.update(np.fromfile(f, dtype="<u4").tolist())
+        near: set[int] = set()
+        if self.near_dir and (f := Path(self.near_dir, f"{rank:06d}.remove")).exists():
+            near.update(np.fromfile(f, dtype="<u4").tolist())
+        return exact, near
+
+    def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        exact, near = self._indices(rank)
+        for idx, doc in enumerate(data):
+            if idx in exact:
+                self.stat_update("exact_removed")
+            elif idx in near:
+                self.stat_update("near_removed")
+            else:
+                yield doc
 
 
 class SplitSentences(PipelineStep):
@@ -221,9 +285,11 @@ class EncodeShards(PipelineStep):
     name = "encode"
     type = "🔢 - ENCODE"
 
-    def __init__(self, cfg: PrepareConfig, corpus_dir: str, lists_dir: str, batch_docs: int = 256):
+    def __init__(self, cfg: PrepareConfig, corpus_dir: str, lists_dir: str, progress_dir: str | None = None,
+                 batch_docs: int = 256):
         super().__init__()
         self.cfg, self.corpus_dir, self.lists_dir, self.batch_docs = cfg, corpus_dir, lists_dir, batch_docs
+        self.progress_dir = progress_dir
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # tasks are the parallelism
@@ -239,6 +305,7 @@ class EncodeShards(PipelineStep):
             for split in ("train", "validation")
         }
         batch: list[Document] = []
+        progress = ProgressCounter(self.progress_dir, rank)
 
         def flush() -> None:
             sentences = [s for d in batch for s in d.metadata["sentences"]]
@@ -251,6 +318,7 @@ class EncodeShards(PipelineStep):
                 if ids:
                     writers[d.metadata["split"]].add(ids, d.metadata["hash"])
                     self.stat_update("tokens", value=sum(len(x) for x in ids))
+            progress.add(len(batch))
             batch.clear()
 
         for doc in data:
@@ -332,6 +400,18 @@ def _file_only_task_logger(logging_dir, rank: int, local_rank: int = 0, node_ran
     return logfile
 
 
+def _close_file_task_logger(logfile) -> None:
+    """datatrove's close re-adds its console logger; keep the console to warnings instead."""
+    import sys
+
+    from loguru import logger
+
+    logger.complete()
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
+    logfile.close()
+
+
 def _local_executor_base():
     from datatrove.executor import LocalPipelineExecutor
 
@@ -345,4 +425,5 @@ class QuietLocalExecutor(_local_executor_base()):
         import datatrove.executor.base as base
 
         base.add_task_logger = _file_only_task_logger
+        base.close_task_logger = _close_file_task_logger
         return super()._run_for_rank(rank, local_rank, node_rank)

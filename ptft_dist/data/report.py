@@ -26,8 +26,10 @@ def _stage_metrics(work: Path, stage: str) -> dict[str, dict[str, float]]:
     return totals
 
 
-def _pick(metrics: dict[str, dict[str, float]], step: str, prefix: str = "") -> dict[str, int]:
-    return {k[len(prefix):]: int(v) for k, v in metrics.get(step, {}).items() if k.startswith(prefix)}
+def _pick(metrics: dict[str, dict[str, float]], step: str) -> dict[str, int]:
+    """Metrics of our step called ``step`` (datatrove names steps "TYPE: name")."""
+    found = next((v for k, v in metrics.items() if k == step or k.endswith(f": {step}")), {})
+    return {k: int(v) for k, v in found.items()}
 
 
 def build_report(root: Path, manifest: Manifest) -> dict:
@@ -36,8 +38,7 @@ def build_report(root: Path, manifest: Manifest) -> dict:
     dedup = _stage_metrics(work, "dedup")
     read = _pick(ingest, "read")
     clean = _pick(ingest, "clean+pii")
-    exact = next((v for k, v in dedup.items() if "exact" in k), {})
-    near = next((v for k, v in dedup.items() if "MinHash" in k), {})
+    removed = _pick(dedup, "dedup")
     sentences = _pick(dedup, "sentences")
     times_path = work / "times.json"
     seconds = json.loads(times_path.read_text()) if times_path.exists() else {}
@@ -50,7 +51,7 @@ def build_report(root: Path, manifest: Manifest) -> dict:
         "clean": {"kept": clean.get("clean_docs", 0),
                   "dropped": {k[len("dropped_"):]: v for k, v in clean.items() if k.startswith("dropped_")}},
         "pii": {k[len("pii_"):]: v for k, v in clean.items() if k.startswith("pii_")},
-        "dedup": {"exact_removed": int(exact.get("dropped", 0)), "near_removed": int(near.get("dropped", 0))},
+        "dedup": {"exact_removed": removed.get("exact_removed", 0), "near_removed": removed.get("near_removed", 0)},
         "sentences": {"documents": sentences.get("train_docs", 0) + sentences.get("validation_docs", 0),
                       "sentences": sentences.get("sentences", 0),
                       "dropped_no_sentences": sentences.get("dropped_no_sentences", 0)},

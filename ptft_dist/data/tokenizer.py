@@ -17,7 +17,9 @@ SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]"
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | Path, cfg: TokenizerConfig) -> None:
     """BERT-style WordPiece: BERT normaliser and pre-tokenizer, [CLS] A [SEP] B [SEP] template."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from ptft_dist.data.pii import PLACEHOLDERS  # one token each, so scrubbed text stays readable to the model
 
     specials = list(SPECIAL_TOKENS.values())
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
@@ -33,6 +35,7 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, cfg: TokenizerCon
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() <= len(specials):
         raise InputError("tokenizer training saw no text (is the cleaned corpus empty?)")
+    tok.add_tokens([AddedToken(p, normalized=False, single_word=False) for p in PLACEHOLDERS.values()])
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
