@@ -88,7 +88,7 @@ class PrepareConfig:
     slurm_partition: Optional[str] = None
     slurm_time: str = "04:00:00"
     slurm_cpus_per_task: int = 1
-    slurm_mem_per_cpu_gb: float = 2.0
+    slurm_mem_per_cpu_mb: int = 2048
 
 
 # --------------------------------------------------------------------------- stream

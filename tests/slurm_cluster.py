@@ -330,7 +330,7 @@ class SlurmCluster:
         for name in self.node_names:
             lines.append(
                 f"NodeName={name} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={self.node_ports[name]} "
-                f"CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN"
+                f"CPUs={self.cpus_per_node} RealMemory=16000 State=UNKNOWN"
             )
         lines.append(f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP")
         self.conf_path.write_text("\n".join(lines) + "\n")

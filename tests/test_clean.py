@@ -93,12 +93,17 @@ def test_nfc() -> None:
         ("\ufeffbyte order mark", "byte order mark"),
         ("soft\u00adhyphen", "softhyphen"),
         ("left\u200eto\u200fright", "lefttoright"),
-        ("lone\ud800surrogate", "lonesurrogate"),
         ("unit\x1fseparator", "unit separator"),  # separators become spaces, not glue
     ],
 )
 def test_invisible_characters_are_dropped(text: str, expected: str) -> None:
     assert normalize_text(text) == expected
+
+
+def test_surrogates_never_survive() -> None:
+    assert normalize_text("pair \ud83d\ude00") == "pair \U0001f600"  # ftfy joins a split pair
+    assert normalize_text("lone\ud800one") == "lone\ufffdone"  # ftfy marks the loss
+    assert normalize_text("lone\ud800one", fix_mojibake=False) == "loneone"
 
 
 @pytest.mark.parametrize(

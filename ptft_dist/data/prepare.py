@@ -148,7 +148,7 @@ def _executors(stages: list[_Stage], cfg: PrepareConfig, out: Path):
     for s in stages:
         execs.append(SlurmPipelineExecutor(
             s.pipeline, tasks=s.tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
-            cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
+            cpus_per_task=cfg.slurm_cpus_per_task, sbatch_args={"mem-per-cpu": f"{cfg.slurm_mem_per_cpu_mb}M"},
             job_name=f"ptft-prepare-{s.name}", logging_dir=str(work / "logs" / s.name),
             slurm_logs_folder=str(work / "slurm_logs" / s.name), depends=execs[-1] if execs else None,
             env_command=f"export PATH={Path(sys.executable).parent}:$PATH", mail_type="NONE", qos="",
