@@ -123,6 +123,99 @@ class DataConfig:
     storage_options: dict = field(default_factory=dict)  # passed to fsspec (credentials, endpoint, ...)
 
 
+# --------------------------------------------------------------------------- pretrain
+
+
+@dataclass
+class ModelConfig:
+    """A BERT encoder: a size preset, any field overridden (None = the preset's value)."""
+
+    preset: Literal["tiny", "mini", "small", "medium", "base", "large"] = "tiny"
+    hidden_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    max_position_embeddings: int = 512
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    attn_implementation: str = "sdpa"
+    sparse_mlm_head: bool = True  # run the MLM decoder on masked positions only
+    unpad: bool = True  # pack samples and skip pad tokens when the batch allows it
+    init_from: Optional[str] = None  # start from an HF model directory instead of random weights
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "lamb"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    schedule: Literal["linear", "cosine", "wsd", "constant"] = "linear"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.1  # wsd: share of steps in the final decay
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest in run dir, if any) | never | a checkpoint path
+    requeue_exit_code: int = 124  # exit status after a signal-triggered save; job scripts requeue on it
+
+
+@dataclass
+class TrainConfig:
+    backend: Literal["deepspeed", "accelerate"] = "deepspeed"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed_config: Optional[str] = None  # the user's own DeepSpeed JSON ("auto" fields filled from here)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1
+    global_batch_size: int = 0  # 0: micro_batch_size × grad_accum × world size; else checked against it
+    max_steps: int = 1000
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    seed: int = 42
+    run_dir: str = "runs/pretrain"
+    device_peak_tflops: Optional[float] = None  # for MFU; default: GPU table or a CPU matmul probe
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = ""  # HF model directory (ours from `ptft convert`, or any BERT-family model)
+    method: Literal["full", "lora"] = "full"
+    task_type: Literal["classification", "regression"] = "classification"
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    hf_dataset: Optional[str] = None  # hf:NAME[:CONFIG] instead of files
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    split_seed: int = 13  # used when only a train split is given: fixed-seed 80/10/10
+    max_seq_len: int = 128
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 32
+    metric_for_best: str = "accuracy"
+    early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
+    output_dir: str = "runs/finetune"
+    export: Literal["merged", "adapter", "both"] = "merged"
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -132,6 +225,11 @@ class Config:
 
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     extra: dict = field(default_factory=dict)  # free-form notes carried into the resolved copy
 
 
