@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -155,6 +156,18 @@ class MinhashSignaturePassThrough(MinhashDedupSignature):
     Signatures are written as documents pass; the parent's run() then finds the complete files
     (``skip_existing_sigs``) and only sorts them.
     """
+
+    _words = re.compile(r"\w+")
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        """datatrove's shingles, with a regex word splitter: its spaCy tokenizer ran at ~0.4 MB/s."""
+        from datatrove.utils.text import simplify_text
+
+        words = self._words.findall(simplify_text(text, self.config.norm_config))
+        n = self.config.n_grams
+        return np.fromiter(
+            (self._hash_func(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)), dtype=np.uint64
+        ).reshape((-1, 1))
 
     def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         import struct

@@ -1,0 +1,201 @@
+"""Loader throughput: samples/s per loader worker, ptft stream vs HF DataCollatorForLanguageModeling.
+
+Both sides measured in the same run on the same pre-tokenized data:
+
+* **ptft**: ``PretrainingStream`` over a synthetic corpus written in the real shard format
+  (BERT-like sentence and document lengths, 30522-token vocabulary). Per micro-batch it does
+  everything a training step needs: plan lookup, NSP pair construction (IsNext/NotNext, pair
+  truncation), [CLS]/[SEP]/token types, padding, dynamic 80/10/10 masking, packed form
+  (cu_seqlens/indices), torch tensors. Measured in-process (= one loader worker's work) and through
+  a real ``DataLoader`` with one worker process (adds inter-process transfer).
+* **HF**: ``DataCollatorForLanguageModeling`` (mlm_probability 0.15) collating the *same* token
+  sequences, already paired and pre-tokenized (so it only pads and masks: strictly less work).
+
+Prints one JSON object (and writes it with ``--out``); ``ratio`` = ptft / HF samples/s.
+Target: one worker ≥ 20,000 samples/s at sequence length 128.
+
+    python benchmarks/loader_throughput.py [--seconds 3] [--batch 32] [--out loader.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ptft_dist.config import DataConfig  # noqa: E402
+from ptft_dist.data import shards as sh  # noqa: E402
+from ptft_dist.data.stream import PretrainingStream, StreamingLoader, to_torch  # noqa: E402
+
+VOCAB = 30522
+SPECIAL = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+
+
+def write_corpus(root: Path, n_shards: int = 4, tokens_per_shard: int = 3_000_000, seed: int = 0) -> Path:
+    """Synthetic corpus: Zipf-distributed token ids, sentences ~ 8..60 tokens, documents ~ 3..60 sentences."""
+    rng = np.random.default_rng(seed)
+    tok_dir = root / sh.TOKENIZER_DIR
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    vocab = [f"[unused{i}]" for i in range(VOCAB)]
+    for name, i in SPECIAL.items():
+        vocab[i] = f"[{name.upper()}]"
+    for i in range(1000, VOCAB):
+        vocab[i] = (f"##w{i}" if i % 5 == 0 else f"w{i}")
+    (tok_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (tok_dir / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    infos = []
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        n_sent = tokens_per_shard // 30
+        sent_len = np.clip(rng.normal(28, 12, n_sent), 6, 60).astype(np.int64)
+        doc_sizes = []
+        left = n_sent
+        while left > 0:
+            k = int(min(left, rng.integers(3, 60)))
+            doc_sizes.append(k)
+            left -= k
+        doc_off = np.concatenate([[0], np.cumsum(doc_sizes)])
+        sent_off = np.concatenate([[0], np.cumsum(sent_len)])
+        z = rng.zipf(1.3, int(sent_off[-1]))
+        tokens = (1000 + (z - 1) % (VOCAB - 1000)).astype(np.int64)
+        data = sh.ShardData(doc_off, sent_off, np.arange(len(doc_sizes), dtype=np.uint64) + (s << 32), tokens)
+        blob = sh.encode_shard(arrays=data, vocab_size=VOCAB)
+        rel = f"train/shard-{s:05d}.bin"
+        (root / rel).write_bytes(blob)
+        import hashlib
+
+        infos.append(sh.ShardInfo(rel, len(blob), hashlib.sha256(blob).hexdigest(), len(doc_sizes), n_sent,
+                                  int(sent_off[-1])))
+    manifest = sh.Manifest(
+        format_version=sh.FORMAT_VERSION, tokenizer_hash="bench", vocab_size=VOCAB,
+        token_dtype=sh.token_dtype(VOCAB).name, special_tokens=dict(SPECIAL),
+        splits={"train": [asdict(i) for i in infos], "validation": []}, created_by="benchmarks/loader_throughput.py",
+    )
+    sh.write_manifest(root, manifest)
+    return root
+
+
+def hf_tokenizer(root: Path):
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab_file=str(root / sh.TOKENIZER_DIR / "vocab.txt"), do_lower_case=False)
+
+
+def time_loop(fn, seconds: float) -> float:
+    """Samples/s of repeated ``fn()`` calls (each returns the number of samples) over ~``seconds``."""
+    fn()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += fn()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_seq_len(root: Path, seq_len: int, batch: int, seconds: float, cache: Path) -> dict:
+    cfg = DataConfig(corpus=str(root), max_seq_len=seq_len, cache_dir=str(cache), num_workers=1)
+    ds = PretrainingStream(cfg=cfg, micro_batch_size=batch)
+    n_total = ds.num_samples(0)
+    state = {"pos": 0}
+
+    def ours() -> int:
+        p = state["pos"]
+        if p + batch > n_total:
+            p = 0
+        state["pos"] = p + batch
+        b = to_torch(ds.batch_at(0, np.arange(p, p + batch)))
+        return int(b["input_ids"].shape[0])
+
+    ours_sps = time_loop(ours, seconds)
+
+    # The same sequences, unmasked, pre-tokenized: HF only pads and masks them.
+    import torch
+    from transformers import DataCollatorForLanguageModeling
+
+    tok = hf_tokenizer(root)
+    collator = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15, return_tensors="pt")
+    examples = []
+    for p in range(0, min(n_total, 64 * batch), batch):
+        b = ds.batch_at(0, np.arange(p, min(p + batch, n_total)))
+        orig = np.where(b["labels"] != -100, b["labels"], b["input_ids"])
+        for i in range(len(orig)):
+            n = int(b["attention_mask"][i].sum())
+            examples.append({"input_ids": orig[i, :n].tolist(), "token_type_ids": b["token_type_ids"][i, :n].tolist(),
+                             "next_sentence_label": int(b["next_sentence_label"][i])})
+    hstate = {"i": 0}
+
+    def hf() -> int:
+        i = hstate["i"]
+        if i + batch > len(examples):
+            i = 0
+        hstate["i"] = i + batch
+        out = collator(examples[i : i + batch])
+        assert isinstance(out["input_ids"], torch.Tensor)
+        return batch
+
+    hf_sps = time_loop(hf, seconds)
+
+    # A real DataLoader with one worker process (the rate the training loop sees from one worker).
+    loader = StreamingLoader(ds, num_workers=1, prefetch_factor=8)
+    ds.set_position(0, 0)
+    n, t0 = 0, time.perf_counter()
+    for b in loader:
+        n += int(b["input_ids"].shape[0])
+        if time.perf_counter() - t0 > seconds:
+            break
+    dl_sps = n / (time.perf_counter() - t0)  # includes worker start-up
+    lengths = np.asarray(ds.batch_at(0, np.arange(min(n_total, 512)))["attention_mask"]).sum(1)
+    return {
+        "ptft_samples_per_s_per_worker": round(ours_sps, 1),
+        "ptft_dataloader_1_worker_samples_per_s": round(dl_sps, 1),
+        "hf_collator_samples_per_s": round(hf_sps, 1),
+        "ratio_ptft_over_hf": round(ours_sps / hf_sps, 2),
+        "mean_tokens_per_sample": round(float(lengths.mean()), 1),
+        "samples_in_epoch": n_total,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per side and length")
+    ap.add_argument("--batch", type=int, default=32, help="micro-batch size")
+    ap.add_argument("--seq-lens", default="128,512")
+    ap.add_argument("--tokens-per-shard", type=int, default=3_000_000)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="ptft-loader-bench-") as tmp:
+        root = write_corpus(Path(tmp) / "corpus", tokens_per_shard=args.tokens_per_shard)
+        results = {}
+        for L in (int(x) for x in args.seq_lens.split(",")):
+            results[str(L)] = bench_seq_len(root, L, args.batch, args.seconds, Path(tmp) / "cache")
+    report = {
+        "benchmark": "loader_throughput",
+        "micro_batch": args.batch,
+        "nsp": True,
+        "mlm_probability": 0.15,
+        "results": results,
+        "target": "ptft >= 20000 samples/s per worker at seq_len 128",
+        "target_met": results.get("128", {}).get("ptft_samples_per_s_per_worker", 0) >= 20000,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "numpy": np.__version__,
+                    "torch": torch.__version__},
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
