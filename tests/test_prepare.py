@@ -70,11 +70,16 @@ def mixed_inputs(tmp_path_factory) -> tuple[Path, dict]:
             "\n".join(["same line again and again"] * 10)]
     (root / "d.json").write_text(json.dumps([{"body": pii_doc}] + [{"body": j} for j in junk]
                                             + [{"body": d} for d in base[46:50]]))
+    # jsonl.zst
+    import zstandard
+
+    zst = "".join(json.dumps({"body": d, "n": i}) + "\n" for i, d in enumerate(base[56:60])).encode()
+    (root / "f.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(zst))
     # parquet
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"body": base[50:60] + long_docs[2:]}), root / "e.parquet")
+    pq.write_table(pa.table({"body": base[50:56] + long_docs[2:]}), root / "e.parquet")
     expected = {"docs_in": 25 + len(recs) + 1 + len(junk) + 4 + 12, "exact": 2, "near": 2, "junk": 3}
     return root, expected
 
@@ -83,7 +88,7 @@ def mixed_inputs(tmp_path_factory) -> tuple[Path, dict]:
 def corpus(mixed_inputs, tmp_path_factory) -> Path:
     root, _ = mixed_inputs
     out = tmp_path_factory.mktemp("corpus") / "c"
-    assert run("prepare", "-i", root / "txt", root / "c.jsonl.gz", root / "d.json", root / "e.parquet",
+    assert run("prepare", "-i", root / "txt", root / "c.jsonl.gz", root / "d.json", root / "e.parquet", root / "*.zst",
                "-o", out, "prepare.text_field=body", "prepare.workers=2",
                "prepare.tokenizer.vocab_size=800", "prepare.validation_fraction=0.1") == 0
     return out
@@ -93,7 +98,7 @@ def test_report_counts_every_stage(corpus, mixed_inputs):
     _, exp = mixed_inputs
     report = json.loads((corpus / "prepare_report.json").read_text())
     assert report["read"]["documents"] == exp["docs_in"]
-    assert report["read"]["files"] == 5
+    assert report["read"]["files"] == 6
     assert sum(report["clean"]["dropped"].values()) == exp["junk"]
     assert set(report["clean"]["dropped"]) <= {"too_short", "low_alpha", "repeated_lines", "too_long"}
     assert report["dedup"]["exact_removed"] == exp["exact"]
@@ -321,3 +326,17 @@ def test_verify_names_flipped_and_truncated_shards(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{first}: checksum mismatch" in err
     assert f"{second}: size" in err and "truncated" in err
+
+
+def test_cli_entry_point_reports_one_line_and_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    ptft = str(Path(sys.executable).parent / "ptft")
+    proc = subprocess.run([ptft, "prepare", "-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"ptft: error: {tmp_path / 'missing.jsonl'}: no such file or directory"]
+    proc = subprocess.run([ptft, "prepare", "-i", "x", "-o", "y", "prepare.tokenizer.vocab_sise=5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'prepare.tokenizer.vocab_size'" in proc.stderr

@@ -7,6 +7,7 @@ memory stays bounded whatever the corpus size.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,6 +141,14 @@ def _open(url: str):
     return fsspec.open(url, "rb", compression="infer")
 
 
+def _lines(f) -> Iterator[bytes]:
+    """Byte lines of an open file; zstd readers stream bytes but cannot iterate lines themselves."""
+    try:
+        yield from f
+    except io.UnsupportedOperation:
+        yield from io.BufferedReader(f)
+
+
 def read_txt(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Iterator[str]:
     with _open(src.url) as f:
         if cfg.txt_doc_boundary == "file":
@@ -148,7 +157,7 @@ def read_txt(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Iterato
                 yield text
             return
         block: list[str] = []
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f), 1):
             line = _decode(raw, f"{src.url}:{lineno}", cfg, counters)
             if line.strip():
                 block.append(line)
@@ -189,7 +198,7 @@ def read_jsonl(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Itera
                     yield text
             return
         f.seek(0)
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f), 1):
             if not raw.strip():
                 continue
             where = f"{src.url}:{lineno}"
