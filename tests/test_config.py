@@ -1,5 +1,7 @@
 """Config schema: YAML + dotted overrides, type checks, closest-key hints, resolved copy."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -71,3 +73,10 @@ def test_resolved_copy_round_trips(tmp_path):
 def test_schema_reference_lists_nested_keys():
     ref = schema_reference()
     assert "`prepare.tokenizer.vocab_size`" in ref and "`data.mlm_probability`" in ref
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_presets_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
