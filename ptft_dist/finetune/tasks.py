@@ -1,0 +1,146 @@
+"""Fine-tuning data: labelled examples from CSV/TSV/JSONL files or a HF dataset, with column mapping.
+
+Splits are given, or made from the train file by a fixed-seed hash (80/10/10), so every machine
+and rank sees the same split. Labels are mapped to ids from the train split only; a label that
+appears only in validation/test is an error, not a silently new class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ptft_dist.config import FinetuneConfig
+from ptft_dist.data.inputs import InputError
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    pairs: list[str] | None
+    labels: np.ndarray  # int64 class ids, or float32 targets for regression
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class TaskData:
+    splits: dict[str, Split]
+    label_names: list[str] = field(default_factory=list)  # id -> original label (classification)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) if self.label_names else 1
+
+
+def _read_table(path: str, cfg: FinetuneConfig) -> dict[str, list]:
+    """Columns of a CSV/TSV/JSONL file (local or fsspec URL) as lists."""
+    import datasets
+
+    name = path.lower()
+    for comp in (".gz", ".zst", ".bz2", ".xz"):
+        name = name.removesuffix(comp)
+    if name.endswith(".tsv"):
+        kind, kwargs = "csv", {"delimiter": "\t"}
+    elif name.endswith(".csv"):
+        kind, kwargs = "csv", {}
+    elif name.endswith((".jsonl", ".json")):
+        kind, kwargs = "json", {}
+    elif name.endswith(".parquet"):
+        kind, kwargs = "parquet", {}
+    else:
+        raise InputError(f"{path}: unsupported task file type (use .csv, .tsv, .jsonl, .json, .parquet)")
+    if "://" not in path and not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=path, split="train", **kwargs)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+    return ds.to_dict()
+
+
+def _hf_splits(cfg: FinetuneConfig) -> dict[str, dict[str, list]]:
+    import datasets
+
+    from ptft_dist.data.inputs import parse_hf_spec
+
+    name, config, _ = parse_hf_spec(cfg.hf_dataset if cfg.hf_dataset.startswith("hf:") else f"hf:{cfg.hf_dataset}")
+    try:
+        dd = datasets.load_from_disk(name) if Path(name, "dataset_dict.json").exists() else datasets.load_dataset(name, config)
+    except Exception as exc:
+        raise InputError(f"finetune.hf_dataset: cannot load {cfg.hf_dataset} ({exc})") from None
+    return {s: dd[s].to_dict() for s in SPLITS if s in dd}
+
+
+def _columns(table: dict[str, list], where: str, cfg: FinetuneConfig) -> tuple[list[str], list[str] | None, list]:
+    needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    for col in needed:
+        if col not in table:
+            raise InputError(f"{where}: no column '{col}' (columns: {', '.join(table)}); "
+                             f"set finetune.text_column / text_pair_column / label_column")
+    texts = [str(t) if t is not None else "" for t in table[cfg.text_column]]
+    pairs = [str(t) if t is not None else "" for t in table[cfg.text_pair_column]] if cfg.text_pair_column else None
+    return texts, pairs, table[cfg.label_column]
+
+
+def _hash_split(texts: list[str], seed: int) -> np.ndarray:
+    """0/1/2 = train/validation/test per example, 80/10/10 by a fixed-seed hash of the text."""
+    out = np.empty(len(texts), dtype=np.int8)
+    for i, t in enumerate(texts):
+        h = int.from_bytes(hashlib.blake2b(f"{seed}:{i}:{t}".encode(), digest_size=8).digest(), "little") % 10
+        out[i] = 0 if h < 8 else (1 if h == 8 else 2)
+    return out
+
+
+def load_task(cfg: FinetuneConfig) -> TaskData:
+    raw: dict[str, tuple[str, dict[str, list]]] = {}
+    if cfg.hf_dataset:
+        raw = {s: (f"{cfg.hf_dataset}[{s}]", t) for s, t in _hf_splits(cfg).items()}
+    else:
+        for split, path in (("train", cfg.train_file), ("validation", cfg.validation_file), ("test", cfg.test_file)):
+            if path:
+                raw[split] = (path, _read_table(path, cfg))
+    if "train" not in raw:
+        raise InputError("finetune.train_file: required (or finetune.hf_dataset with a train split)")
+    columns = {s: (where, *_columns(t, where, cfg)) for s, (where, t) in raw.items()}
+    missing = [s for s in ("validation", "test") if s not in columns]
+    if missing:  # carve the missing splits out of train; train keeps the rest
+        where, texts, pairs, labels = columns["train"]
+        assign = _hash_split(texts, cfg.split_seed)
+        codes = {"train": [0] + [SPLITS.index(s) for s in ("validation", "test") if s not in missing]}
+        codes.update({s: [SPLITS.index(s)] for s in missing})
+        for split, wanted in codes.items():
+            idx = np.flatnonzero(np.isin(assign, wanted))
+            columns[split] = (where, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
+                              [labels[i] for i in idx])
+    return _encode_labels(columns, cfg)
+
+
+def _encode_labels(columns: dict, cfg: FinetuneConfig) -> TaskData:
+    splits: dict[str, Split] = {}
+    if cfg.task_type == "regression":
+        for split, (where, texts, pairs, labels) in columns.items():
+            try:
+                y = np.asarray(labels, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise InputError(f"{where}: label column '{cfg.label_column}' is not numeric") from None
+            splits[split] = Split(texts, pairs, y)
+        return TaskData(splits)
+    train_labels = columns["train"][3]
+    names = sorted({str(x) for x in train_labels}, key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    if len(names) < 2:
+        raise InputError(f"{columns['train'][0]}: fewer than two label values in the train split ({names})")
+    ids = {n: i for i, n in enumerate(names)}
+    for split, (where, texts, pairs, labels) in columns.items():
+        unseen = sorted({str(x) for x in labels} - set(ids))
+        if unseen:
+            raise InputError(f"{where}: label(s) {unseen[:5]} never appear in the train split (labels: {names})")
+        splits[split] = Split(texts, pairs, np.asarray([ids[str(x)] for x in labels], dtype=np.int64))
+    return TaskData(splits, names)
