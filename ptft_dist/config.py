@@ -31,62 +31,62 @@ class ConfigError(ValueError):
 class CleanConfig:
     """Text cleaning and quality filters applied to every document."""
 
-    fix_mojibake: bool = True
-    min_chars: int = 50
-    max_chars: int = 1_000_000
+    fix_mojibake: bool = True  # repair text decoded with the wrong codec (ftfy)
+    min_chars: int = 50  # shorter documents are dropped
+    max_chars: int = 1_000_000  # longer documents are dropped
     min_alpha_ratio: float = 0.6  # share of letters among non-space characters
     max_repeated_line_ratio: float = 0.3  # share of lines that repeat an earlier line
 
 
 @dataclass
 class PIIConfig:
-    enabled: bool = True
+    enabled: bool = True  # replace PII with typed placeholders ([EMAIL], [PHONE], ...)
     email: bool = True
-    phone: bool = True
-    ip: bool = True
-    credit_card: bool = True
-    iban: bool = True
+    phone: bool = True  # international and common national formats
+    ip: bool = True  # IPv4 and IPv6
+    credit_card: bool = True  # Luhn-checked
+    iban: bool = True  # mod-97 checked
     us_ssn: bool = True
 
 
 @dataclass
 class DedupConfig:
-    exact: bool = True
-    near: bool = True
+    exact: bool = True  # drop documents equal after case folding and whitespace collapsing
+    near: bool = True  # MinHash LSH near-duplicate removal
     threshold: float = 0.8  # Jaccard similarity of word n-gram shingles
-    ngram: int = 5
-    num_perm: int = 128
+    ngram: int = 5  # words per shingle
+    num_perm: int = 128  # max MinHash permutations (bands x rows chosen to fit the threshold)
 
 
 @dataclass
 class TokenizerConfig:
     """Train a WordPiece tokenizer, or reuse an existing one (``path``)."""
 
-    path: Optional[str] = None
+    path: Optional[str] = None  # an existing HF tokenizer directory to adopt instead of training
     vocab_size: int = 30522
     lowercase: bool = True
-    min_frequency: int = 2
+    min_frequency: int = 2  # pairs seen fewer times are not merged
     max_train_docs: int = 1_000_000  # documents fed to the trainer (a fixed-seed subset beyond)
 
 
 @dataclass
 class PrepareConfig:
-    text_field: str = "text"
-    txt_doc_boundary: Literal["file", "blank_line"] = "blank_line"
-    on_decode_error: Literal["replace", "error"] = "replace"
-    on_bad_json: Literal["error", "skip"] = "error"
+    text_field: str = "text"  # JSON key / Parquet or HF column holding the text
+    txt_doc_boundary: Literal["file", "blank_line"] = "blank_line"  # what ends a document in .txt input
+    on_decode_error: Literal["replace", "error"] = "replace"  # invalid UTF-8: repair and count, or stop
+    on_bad_json: Literal["error", "skip"] = "error"  # malformed JSON line: stop (file:line), or skip and count
     clean: CleanConfig = field(default_factory=CleanConfig)
     pii: PIIConfig = field(default_factory=PIIConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    min_sentence_chars: int = 2
-    shard_size_mb: float = 64.0
-    validation_fraction: float = 0.01
+    min_sentence_chars: int = 2  # shorter sentences are dropped
+    shard_size_mb: float = 64.0  # target size of a shard file
+    validation_fraction: float = 0.01  # share of documents (by text hash) in the validation split
     split_seed: int = 1234
     workers: int = 2  # parallel processes (local executor) or array tasks (slurm executor)
-    executor: Literal["local", "slurm"] = "local"
+    executor: Literal["local", "slurm"] = "local"  # slurm: submit the stages as dependent array jobs
     slurm_partition: Optional[str] = None
-    slurm_time: str = "04:00:00"
+    slurm_time: str = "04:00:00"  # per array task
     slurm_cpus_per_task: int = 1
     slurm_mem_per_cpu_mb: int = 2048
 
@@ -412,20 +412,44 @@ def save_resolved(cfg: Config, directory: str | Path, name: str = "resolved_conf
     return path
 
 
+def _field_notes(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field line in the class source: the reference's description."""
+    import inspect
+    import re
+
+    notes = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): .*?#\s*(.+)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2).strip()
+    return notes
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " \\| ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return (_type_name(inner[0]) if len(inner) == 1 else " \\| ".join(map(_type_name, inner))) + " (or null)"
+    if get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
 def schema_reference() -> str:
-    """Markdown reference of every key, its type and default (docs/configuration.md is made from it)."""
-    lines = ["| key | type | default |", "|---|---|---|"]
+    """Markdown reference of every key, its type, default and meaning (docs/configuration.md)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:
         hints = _field_types(cls)
+        notes = _field_notes(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             if _is_dataclass_type(tp):
                 walk(tp, prefix + f.name + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            lines.append(f"| `{prefix}{f.name}` | {tname} | `{default!r}` |")
+            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{default!r}` | {notes.get(f.name, '')} |")
 
     walk(Config, "")
     return "\n".join(lines) + "\n"

@@ -80,3 +80,8 @@ def test_schema_reference_lists_nested_keys():
 def test_shipped_presets_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+def test_configuration_docs_are_in_sync():
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert schema_reference() in doc, "regenerate docs/configuration.md from schema_reference()"
