@@ -26,16 +26,19 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" torch
   else
     echo "setup: no GPU, installing the CPU build of torch"
-    "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+    "${pip[@]}" --retries 0 --timeout 10 torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
       || "${pip[@]}" "torch==2.13.0"
   fi
 fi
 
 stamp="$VENV/.ptft-installed$extras"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  echo "setup: installing ptft-dist$extras"
-  "${pip[@]}" -e ".$extras" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "setup: installing ptft-dist$extras (log: $VENV/install.log)"
+  if ! "${pip[@]}" -e ".$extras" > "$VENV/install.log" 2>&1; then
+    grep -v "^WARNING: Location" "$VENV/install.log" | tail -30 >&2
+    echo "setup: installation failed" >&2; exit 1
+  fi
   "$VENV/bin/python" -c "import ptft_dist, deepspeed, datatrove, transformers" 2>/dev/null \
-    || { echo "setup: installation failed" >&2; exit 1; }
+    || { echo "setup: installed, but the imports fail (see $VENV/install.log)" >&2; exit 1; }
   touch "$stamp"
 fi
