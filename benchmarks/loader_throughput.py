@@ -6,8 +6,9 @@ Both sides measured in the same run on the same pre-tokenized data:
   (BERT-like sentence and document lengths, 30522-token vocabulary). Per micro-batch it does
   everything a training step needs: plan lookup, NSP pair construction (IsNext/NotNext, pair
   truncation), [CLS]/[SEP]/token types, padding, dynamic 80/10/10 masking, packed form
-  (cu_seqlens/indices), torch tensors. Measured in-process (= one loader worker's work) and through
-  a real ``DataLoader`` with one worker process (adds inter-process transfer).
+  (cu_seqlens/indices), packing into the one tensor a worker sends. Measured in-process (= one
+  loader worker's work) and through a real ``DataLoader`` with one worker process (adds the
+  inter-process transfer; on a machine with few cores the worker and the consumer compete).
 * **HF**: ``DataCollatorForLanguageModeling`` (mlm_probability 0.15) collating the *same* token
   sequences, already paired and pre-tokenized (so it only pads and masks: strictly less work).
 
@@ -33,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ptft_dist.config import DataConfig  # noqa: E402
-from ptft_dist.data import shards as sh  # noqa: E402
-from ptft_dist.data.stream import PretrainingStream, StreamingLoader, to_torch  # noqa: E402
+from ptft_dist.config import DataConfig
+from ptft_dist.data import shards as sh
+from ptft_dist.data.stream import PretrainingStream, StreamingLoader, pack_batch
 
 VOCAB = 30522
 SPECIAL = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
@@ -111,7 +112,8 @@ def bench_seq_len(root: Path, seq_len: int, batch: int, seconds: float, cache: P
         if p + batch > n_total:
             p = 0
         state["pos"] = p + batch
-        b = to_torch(ds.batch_at(0, np.arange(p, p + batch)))
+        b = ds.batch_at(0, np.arange(p, p + batch))
+        pack_batch(b)  # what a loader worker hands to the DataLoader queue
         return int(b["input_ids"].shape[0])
 
     ours_sps = time_loop(ours, seconds)
@@ -146,12 +148,15 @@ def bench_seq_len(root: Path, seq_len: int, batch: int, seconds: float, cache: P
     # A real DataLoader with one worker process (the rate the training loop sees from one worker).
     loader = StreamingLoader(ds, num_workers=1, prefetch_factor=8)
     ds.set_position(0, 0)
-    n, t0 = 0, time.perf_counter()
+    n, t0 = 0, None
     for b in loader:
+        if t0 is None:  # steady state: from the first batch on (worker start-up excluded)
+            t0 = time.perf_counter()
+            continue
         n += int(b["input_ids"].shape[0])
         if time.perf_counter() - t0 > seconds:
             break
-    dl_sps = n / (time.perf_counter() - t0)  # includes worker start-up
+    dl_sps = n / (time.perf_counter() - t0)
     lengths = np.asarray(ds.batch_at(0, np.arange(min(n_total, 512)))["attention_mask"]).sum(1)
     return {
         "ptft_samples_per_s_per_worker": round(ours_sps, 1),

@@ -9,7 +9,7 @@ import numpy as np
 
 from ptft_dist.config import DataConfig
 from ptft_dist.data import samples as S
-from ptft_dist.data.stream import PretrainingStream, load_vocab
+from ptft_dist.data.stream import VALIDATION_SEED, PretrainingStream, load_vocab
 
 _NSP_NAMES = {S.IS_NEXT: "IsNext", S.NOT_NEXT: "NotNext", S.IGNORE_INDEX: "-"}
 
@@ -55,12 +55,13 @@ def print_samples(
 
     ``ids_only``: one global sample id per line (the stable id that exactly-once is about).
     Otherwise: position, id, IsNext/NotNext, provenance, segment A | segment B decoded with the
-    masked positions marked ``model input{original token}``.
+    masked positions marked ``model input{original token}``. ``split="validation"`` shows the fixed
+    validation stream (epoch and seed are those of :func:`stream.build_validation_loader`).
     """
     out = out or sys.stdout
     ds = PretrainingStream(
         corpus, data_cfg, micro_batch_size=max(1, min(n, 64)), world_size=world_size, rank=rank, split=split,
-        fixed_epoch=0 if split != "train" else None,
+        fixed_epoch=0 if split != "train" else None, seed=VALIDATION_SEED if split != "train" else None,
     )
     if split != "train":
         epoch = 0

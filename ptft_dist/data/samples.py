@@ -55,13 +55,19 @@ S_SHARD, S_SAMPLE = 15, 16
 
 def mix64(x: np.ndarray | int) -> np.ndarray:
     """splitmix64 finaliser: a bijective uint64 → uint64 hash with full avalanche (elementwise)."""
-    x = np.asarray(x, dtype=_U64)
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> _U64(30))
-        x = x * _M1
-        x = x ^ (x >> _U64(27))
-        x = x * _M2
-        x = x ^ (x >> _U64(31))
+    x = np.array(x, dtype=_U64)  # a copy: updated in place below
+    if x.ndim == 0:  # numpy scalars warn on (intended) wrap-around; arrays do not
+        with np.errstate(over="ignore"):
+            x = x ^ (x >> _U64(30))
+            x = x * _M1
+            x = x ^ (x >> _U64(27))
+            x = x * _M2
+            return np.asarray(x ^ (x >> _U64(31)))
+    x ^= x >> _U64(30)
+    x *= _M1
+    x ^= x >> _U64(27)
+    x *= _M2
+    x ^= x >> _U64(31)
     return x
 
 
@@ -80,23 +86,52 @@ def derive_key(*parts: int | np.ndarray) -> np.ndarray:
     return h
 
 
+_PREFIX: dict[tuple[int, int], np.ndarray] = {}
+
+
 def sample_keys(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
-    """The random key of each sample: a function of (seed, epoch, sample id) only."""
-    return derive_key(seed, epoch, S_SAMPLE, np.asarray(ids, dtype=np.int64))
+    """The random key of each sample: a function of (seed, epoch, sample id) only.
+
+    Equal to ``derive_key(seed, epoch, S_SAMPLE, ids)``; the scalar prefix is memoised.
+    """
+    prefix = _PREFIX.get((seed, epoch))
+    if prefix is None:
+        if len(_PREFIX) > 64:
+            _PREFIX.clear()
+        prefix = _PREFIX[(seed, epoch)] = derive_key(seed, epoch, S_SAMPLE)
+    with np.errstate(over="ignore"):
+        return mix64(prefix ^ mix64(_u64(np.asarray(ids, dtype=np.int64)) + _GOLDEN))
 
 
 def shard_key(seed: int, epoch: int, shard: int) -> np.ndarray:
     return derive_key(seed, epoch, S_SHARD, shard)
 
 
+_SALTS: dict[int, np.uint64] = {}
+
+
+def _salt(stream: int) -> np.uint64:
+    s = _SALTS.get(stream)
+    if s is None:
+        with np.errstate(over="ignore"):
+            s = _SALTS[stream] = _U64(mix64(np.asarray(stream, dtype=_U64) * _GOLDEN + _U64(0x632BE59BD9B4E019)))
+    return s
+
+
 def hash_streams(keys: np.ndarray, stream: int, counters: Optional[np.ndarray] = None) -> np.ndarray:
     """uint64 hashes of (key, stream) or, with ``counters`` (broadcast against ``keys``), (key, stream, counter)."""
-    with np.errstate(over="ignore"):
-        salt = mix64(np.asarray(stream, dtype=_U64) * _GOLDEN + _U64(0x632BE59BD9B4E019))
-        if counters is None:
-            return mix64(keys ^ salt)
-        c = mix64(_u64(np.asarray(counters)) * _GOLDEN + salt)
-        return mix64(keys ^ c)
+    salt = _salt(stream)
+    if counters is None:
+        return mix64(keys ^ salt)
+    c = _u64(np.asarray(counters))
+    if c.ndim == 0:
+        with np.errstate(over="ignore"):
+            c = mix64(c * _GOLDEN + salt)
+    else:
+        c = c * _GOLDEN
+        c += salt
+        c = mix64(c)
+    return mix64(keys ^ c)
 
 
 def to_unit(h: np.ndarray) -> np.ndarray:
@@ -411,18 +446,17 @@ def assemble(
     length = (3 + la + lb) if nsp else (2 + la)
     if nsp:
         length = np.where(seg.nsp_label == IGNORE_INDEX, 2 + la, length)
-    J = np.arange(L, dtype=np.int64)[None, :]
-    relA = J - 1
-    inA = (relA >= 0) & (relA < la[:, None])
-    relB = J - 2 - la[:, None]
-    inB = (relB >= 0) & (relB < lb[:, None])
-    src = np.where(inA, seg.a_tok[:, None] + relA, seg.b_tok[:, None] + relB)
-    shard = np.where(inA, a_src[:, None], b_src[:, None])
-    take = inA | inB
     block = np.full((len(rows), L), specials.pad, dtype=out_ids.dtype)
-    for k in np.unique(np.concatenate([a_src[la > 0], b_src[lb > 0]])).tolist():
-        m = take & (shard == k)
-        block[m] = tokens_of[k][src[m] - tok_base[k]]
+    # Token copies: two contiguous slices per sample (faster than fancy indexing, any length).
+    a0 = (seg.a_tok - tok_base[a_src]).tolist()
+    b0 = (seg.b_tok - tok_base[b_src]).tolist()
+    for i, (sa, sb, s_a, s_b, n_a, n_b) in enumerate(
+        zip(a_src.tolist(), b_src.tolist(), a0, b0, la.tolist(), lb.tolist())
+    ):
+        if n_a:
+            block[i, 1 : 1 + n_a] = tokens_of[sa][s_a : s_a + n_a]
+        if n_b:
+            block[i, 2 + n_a : 2 + n_a + n_b] = tokens_of[sb][s_b : s_b + n_b]
     block[:, 0] = specials.cls
     r = np.arange(len(rows))
     block[r, 1 + la] = specials.sep
@@ -430,7 +464,8 @@ def assemble(
     block[r[has_b], (2 + la + lb)[has_b]] = specials.sep
     out_ids[rows] = block
     if nsp:
-        out_types[rows] = ((2 + la[:, None] <= J) & (length[:, None] > J)).astype(out_types.dtype)
+        col = np.arange(L, dtype=np.int64)[None, :]
+        out_types[rows] = ((col >= 2 + la[:, None]) & (col < length[:, None])).astype(out_types.dtype)
     return length
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 import warnings
@@ -54,7 +53,15 @@ import numpy as np
 from ptft_dist.config import DataConfig
 from ptft_dist.data import samples as S
 from ptft_dist.data.shard_cache import ShardCache, file_lock
-from ptft_dist.data.shards import TOKENIZER_DIR, CorpusError, Manifest, ShardData, load_manifest, tokenizer_hash
+from ptft_dist.data.shards import (
+    FORMAT_VERSION,
+    TOKENIZER_DIR,
+    CorpusError,
+    Manifest,
+    ShardData,
+    load_manifest,
+    tokenizer_hash,
+)
 
 try:
     import torch
@@ -64,8 +71,17 @@ except ImportError:  # pragma: no cover - torch is a dependency, but keep numpy 
     IterableDataset = object  # type: ignore[assignment,misc]
 
 STATE_VERSION = 1
+VALIDATION_SEED = 20181011  # the validation stream does not depend on the training seed
 _ORDER_TAG = 0x5EED0 + 1
 _WINDOW_TAG = 0x5EED0 + 2
+# A micro-batch (torch tensors; B samples, L = longest sample, rounded up to pad_to_multiple_of):
+#   input_ids, token_type_ids, attention_mask, labels   int64 [B, L]   labels: original id where
+#                                                        predicted, -100 elsewhere (incl. padding)
+#   next_sentence_label  int64 [B]    0 IsNext, 1 NotNext, -100 (MLM-only mode, padding sample)
+#   sample_ids           int64 [B]    stable id within the epoch; -1 = padding sample
+#   cu_seqlens           int32 [B+1]  packed form: cumulative lengths of the unpadded sequences
+#   indices              int64 [T]    packed form: flat positions (into B*L) of the T real tokens
+#   max_seqlen           int          longest unpadded sequence
 BATCH_KEYS = (
     "input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label", "sample_ids",
     "cu_seqlens", "indices", "max_seqlen",
@@ -107,6 +123,28 @@ def load_vocab(corpus: str, storage_options: Optional[dict] = None) -> list[str]
             out.extend([""] * (t["id"] + 1 - len(out)))
         out[t["id"]] = t["content"]
     return out
+
+
+def _load_manifest(corpus: str, storage_options: Optional[dict]) -> Manifest:
+    """``shards.load_manifest``, plus fsspec storage options (credentials, endpoints) when given."""
+    if not storage_options:
+        return load_manifest(corpus)
+    import fsspec
+
+    url = f"{corpus}/manifest.json"
+    try:
+        with fsspec.open(url, "rt", **storage_options) as f:
+            raw = json.load(f)
+        manifest = Manifest(**raw)
+    except FileNotFoundError:
+        raise CorpusError(f"{corpus}: not a corpus (no manifest.json; did `ptft prepare` finish?)") from None
+    except (ValueError, TypeError) as exc:
+        raise CorpusError(f"{url}: malformed manifest: {exc}") from None
+    except Exception as exc:  # remote errors come in many classes
+        raise CorpusError(f"{url}: cannot read manifest: {exc}") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise CorpusError(f"{url}: corpus format {manifest.format_version}, this ptft reads {FORMAT_VERSION}")
+    return manifest
 
 
 def check_tokenizer(manifest: Manifest, expected: Optional[str], corpus: str) -> None:
@@ -153,7 +191,6 @@ class _Window:
         self.shards = shard_idx
         self.tokens = [d.tokens for d in datas]
         self.doc_ids = [d.doc_ids for d in datas]
-        k = len(datas)
         tok_n = np.array([d.num_tokens for d in datas], dtype=np.int64)
         sent_n = np.array([d.num_sentences for d in datas], dtype=np.int64)
         doc_n = np.array([d.num_docs for d in datas], dtype=np.int64)
@@ -168,21 +205,19 @@ class _Window:
             [d.doc_offsets[:-1].astype(np.int64) + self.sent_base[i] for i, d in enumerate(datas)]
             + [self.sent_base[-1:]]
         )
-        st, en, tg, dc, pn, sh, ids = [], [], [], [], [], [], []
+        st, en, tg, dc, pn, ids = [], [], [], [], [], []
         for i, (d, (s0, s1, t)) in enumerate(zip(datas, chunks)):
             st.append(s0 + self.sent_base[i])
             en.append(s1 + self.sent_base[i])
             tg.append(t)
             dc.append(np.searchsorted(d.doc_offsets.astype(np.int64), s0, side="right") - 1 + self.doc_base[i])
             pn.append(np.full(len(s0), S.p_next_for_chunks(s1 - s0)))
-            sh.append(np.full(len(s0), i, dtype=np.int64))
             ids.append(id_base[shard_idx[i]] + np.arange(len(s0), dtype=np.int64))
         cat = (lambda xs, dt=np.int64: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))  # noqa: E731
         self.c_start, self.c_end, self.c_target, self.c_doc = cat(st), cat(en), cat(tg), cat(dc)
-        self.c_pnext, self.c_shard, self.c_id = cat(pn, np.float64), cat(sh), cat(ids)
+        self.c_pnext, self.c_id = cat(pn, np.float64), cat(ids)
         self.n = len(self.c_id)
         self.perm = np.random.default_rng(perm_seed).permutation(self.n) if self.n else np.zeros(0, np.int64)
-        self.k = k
 
     def shard_of_sentence(self, s: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.sent_base, s, side="right") - 1
@@ -215,6 +250,7 @@ class PretrainingStream(IterableDataset):
         max_samples: Optional[int] = None,
         expected_tokenizer: Optional[str] = None,
         cache: Optional[ShardCache] = None,
+        seed: Optional[int] = None,
     ):
         cfg = cfg or DataConfig()
         self.cfg = cfg
@@ -229,10 +265,10 @@ class PretrainingStream(IterableDataset):
         self.split = split
         self.fixed_epoch = fixed_epoch
         self.max_samples = max_samples if max_samples and max_samples > 0 else None
-        self.seed = int(cfg.seed)
+        self.seed = int(cfg.seed if seed is None else seed)
         self.spec = S.SampleSpec.from_config(cfg)
         self.window_shards = max(1, int(cfg.shuffle_window_shards))
-        self.manifest = load_manifest(self.corpus)
+        self.manifest = _load_manifest(self.corpus, cfg.storage_options)
         check_tokenizer(self.manifest, expected_tokenizer or cfg.expected_tokenizer, self.corpus)
         self.shards = self.manifest.shards(split)
         self.fingerprint = corpus_fingerprint(self.manifest, split)
@@ -315,17 +351,20 @@ class PretrainingStream(IterableDataset):
         except (FileNotFoundError, ValueError, OSError):
             pass
         # One process per node computes; the others wait on the lock and read its result.
-        with file_lock(path.with_suffix(".lock")):
-            try:
-                return np.load(path)
-            except (FileNotFoundError, ValueError, OSError):
-                pass
-            counts = self._compute_counts(epoch)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, counts)
-            os.replace(tmp, path)
-            return counts
+        try:
+            with file_lock(path.with_suffix(".lock")):
+                try:
+                    return np.load(path)
+                except (FileNotFoundError, ValueError, OSError):
+                    pass
+                counts = self._compute_counts(epoch)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, counts)
+                os.replace(tmp, path)
+                return counts
+        except PermissionError:  # read-only cache dir: plan in memory only
+            return self._compute_counts(epoch)
 
     def _compute_counts(self, epoch: int) -> np.ndarray:
         from concurrent.futures import ThreadPoolExecutor
@@ -405,8 +444,8 @@ class PretrainingStream(IterableDataset):
 
     # ------------------------------------------------------------------ samples
 
-    def _segments(self, epoch: int, positions: np.ndarray) -> list[tuple[_Window, np.ndarray, np.ndarray, S.Segments]]:
-        """Group positions by window; per group: (window, rows, chunk indices, segments)."""
+    def _segments(self, epoch: int, positions: np.ndarray) -> list[tuple]:
+        """Group positions by window; per group: (window, rows, chunk indices, segments, sample keys)."""
         plan = self.plan(epoch)
         wins = plan.window_of(positions)
         out = []
@@ -419,7 +458,7 @@ class PretrainingStream(IterableDataset):
                 keys, win.c_start[c], win.c_end[c], win.c_target[c], win.c_doc[c], win.c_pnext[c],
                 win.sent_cs, win.doc_off, self.spec,
             )
-            out.append((win, rows, c, seg))
+            out.append((win, rows, c, seg, keys))
         return out
 
     def batch_at(self, epoch: int, positions: np.ndarray, pad_if_empty: bool = True) -> dict[str, Any]:
@@ -435,7 +474,7 @@ class PretrainingStream(IterableDataset):
         groups = self._segments(epoch, positions) if len(positions) else []
         B = len(positions) if len(positions) or not pad_if_empty else 1
         lengths = np.full(B, 2, dtype=np.int64)
-        for _, rows, _, seg in groups:
+        for _, rows, _, seg, _ in groups:
             lb_part = np.where(seg.nsp_label == S.IGNORE_INDEX, 0, 1 + seg.lb) if self.spec.nsp else 0
             lengths[rows] = 2 + seg.la + lb_part
         L = int(lengths.max()) if B else 0
@@ -449,7 +488,7 @@ class PretrainingStream(IterableDataset):
         if B and not groups:  # padding sample
             ids[:, 0] = self.specials.cls
             ids[:, 1] = self.specials.sep
-        for win, rows, c, seg in groups:
+        for win, rows, c, seg, k in groups:
             tok_src_a = win.shard_of_sentence(seg.a_sent[:, 0])
             tok_src_b = np.where(seg.lb > 0, win.shard_of_sentence(np.minimum(seg.b_sent[:, 0], len(win.sent_cs) - 2)),
                                  0)
@@ -457,7 +496,7 @@ class PretrainingStream(IterableDataset):
                        rows)
             sample_ids[rows] = win.c_id[c]
             nsp[rows] = seg.nsp_label
-            keys[rows] = S.sample_keys(self.seed, epoch, win.c_id[c])
+            keys[rows] = k
         attention = (np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)
         cand = attention.astype(bool) & (sample_ids >= 0)[:, None]
         for t in self.specials.all():
@@ -488,7 +527,7 @@ class PretrainingStream(IterableDataset):
         """
         positions = np.asarray(positions, dtype=np.int64)
         out: list[dict] = [{} for _ in positions]
-        for win, rows, c, seg in self._segments(epoch, positions):
+        for win, rows, c, seg, _ in self._segments(epoch, positions):
             for j, row in enumerate(rows.tolist()):
                 a_sh = int(win.shard_of_doc(seg.a_doc[j]))
                 a_docl = int(seg.a_doc[j] - win.doc_base[a_sh])
@@ -537,19 +576,87 @@ class PretrainingStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = 0, 1
-        if torch is not None:
-            info = torch.utils.data.get_worker_info()
-            if info is not None:
-                wid, nw = info.id, info.num_workers
+        info = torch.utils.data.get_worker_info() if torch is not None else None
+        if info is not None:
+            wid, nw = info.id, info.num_workers
+        pack = self.pack_for_workers if info is not None else None
         for batch in self.iter_numpy(wid, nw):
-            yield to_torch(batch)
+            yield pack_batch(batch, compact=pack == "compact") if pack else to_torch(batch)
+
+    # Set by StreamingLoader: worker processes send each micro-batch packed (see pack_batch);
+    # "exact" keeps every field's dtype so that a pinned buffer gives pinned fields.
+    pack_for_workers: Optional[str] = None
 
 
 def to_torch(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
+_PACKED = "__ptft_packed__"
+_TORCH_DTYPES = {"|u1": "uint8", "<u2": "uint16", "<i2": "int16", "<i4": "int32", "<i8": "int64"}
+
+
+def _wire_dtype(key: str, v: np.ndarray) -> np.dtype:
+    """The smallest dtype that holds a field exactly (less shared memory per batch)."""
+    if key in ("attention_mask", "token_type_ids"):
+        return np.dtype(np.uint8)
+    if key in ("input_ids", "labels", "indices") and v.size:
+        lo, hi = int(v.min()), int(v.max())
+        for dt in (np.uint8, np.int16, np.uint16, np.int32):
+            info = np.iinfo(dt)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(dt)
+    return v.dtype
+
+
+def pack_batch(batch: dict[str, Any], compact: bool = True) -> dict[str, Any]:
+    """A batch as one byte tensor plus a layout (:func:`unpack_batch` restores it exactly).
+
+    Worker processes send batches this way: one shared-memory transfer instead of one per field,
+    each field in its smallest exact dtype (~10x more batches/s through the DataLoader queue).
+    """
+    arrays = [(k, v, _wire_dtype(k, v) if compact else v.dtype) for k, v in batch.items() if isinstance(v, np.ndarray)]
+    sizes = [-(-(v.size * dt.itemsize) // 8) * 8 for _, v, dt in arrays]
+    buf = np.empty(sum(sizes), dtype=np.uint8)
+    layout, o = [], 0
+    for (k, v, dt), nb in zip(arrays, sizes):
+        buf[o : o + v.size * dt.itemsize].view(dt)[:] = v.reshape(-1)
+        layout.append((k, dt.str, v.dtype.str, tuple(v.shape), o))
+        o += nb
+    extras = {k: v for k, v in batch.items() if not isinstance(v, np.ndarray)}
+    return {_PACKED: torch.from_numpy(buf), "layout": layout, "extras": extras}
+
+
+def unpack_batch(item: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`pack_batch` (other items pass through unchanged)."""
+    if not (isinstance(item, dict) and _PACKED in item):
+        return item
+    buf = item[_PACKED]
+    out: dict[str, Any] = {}
+    for k, wire, final, shape, o in item["layout"]:
+        shape = [int(x) for x in shape]
+        n = int(np.prod(shape)) if shape else 1
+        wdt = getattr(torch, _TORCH_DTYPES.get(wire, "int64"))
+        nbytes = n * torch.empty(0, dtype=wdt).element_size()
+        t = buf[o : o + nbytes].view(wdt).view(*shape)
+        fdt = getattr(torch, _TORCH_DTYPES.get(final, "int64"))
+        out[k] = t if wdt == fdt else t.to(fdt)
+    out.update(item["extras"])
+    return out
+
+
 # --------------------------------------------------------------------------- loader
+
+
+def _unwrap_worker_error(exc: CorpusError) -> CorpusError:
+    """torch re-raises a worker's exception with its whole traceback as the message; keep the one line."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    for line in reversed(text.strip().splitlines()):
+        if "CorpusError: " in line:
+            return CorpusError(line.split("CorpusError: ", 1)[1])
+    return exc
 
 
 class StreamingLoader:
@@ -595,6 +702,8 @@ class StreamingLoader:
             ds.consumed = 0
         epoch, start = ds._epoch(None), ds.consumed
         n = ds.num_samples(epoch)  # plan computed here, before workers fork, so they inherit it
+        if n == 0 and not self.fixed:
+            raise CorpusError(f"{ds.corpus}: split '{ds.split}' yields no samples in epoch {epoch}")
         steps = ds.steps_in_epoch(epoch, start)
         if self.num_workers > 0 and steps > 0:
             from torch.utils.data import DataLoader
@@ -604,24 +713,42 @@ class StreamingLoader:
                 prefetch_factor=self.prefetch_factor, persistent_workers=False,
                 multiprocessing_context=self.multiprocessing_context, timeout=self.timeout,
             )
-            it: Iterator[dict[str, Any]] = iter(loader)
+            ds.pack_for_workers = "exact" if self.pin_memory else "compact"
+            try:
+                it: Iterator[dict[str, Any]] = iter(loader)
+            finally:
+                ds.pack_for_workers = None
         else:
             it = iter(ds)
         k = 0
         try:
             for batch in it:
+                batch = unpack_batch(batch)
                 k += 1
                 if not self.fixed:
                     ds.consumed = min(n, start + k * ds.global_micro_batch)
                 yield batch
+        except CorpusError as exc:
+            raise _unwrap_worker_error(exc) from None
         finally:
+            # Stop worker processes now (on error or early exit) rather than whenever the iterator
+            # is garbage-collected; torch's __del__ does the same, just later.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
             del it
         if k != steps:  # the consumer stopped early: keep the position where it stopped
             return
         if not self.fixed:
             ds.epoch, ds.consumed = epoch + 1, 0
 
+    def forever(self) -> Iterator[dict[str, Any]]:
+        """Batches across epoch boundaries, without end (the position keeps advancing)."""
+        while True:
+            yield from self
+
     def state_dict(self) -> dict:
+        """``{version, epoch, consumed, seed, corpus_fingerprint, sample_fingerprint}``: the same on every rank."""
         ds = self.dataset
         return {
             "version": STATE_VERSION,
@@ -688,16 +815,12 @@ def build_validation_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> StreamingLoader:
-    """The fixed validation stream: the same samples (masking included) on every pass and every run
-    with the same seed, spread over ranks like training (equal step counts, padding samples)."""
+    """The fixed validation stream: the same samples (masking included) on every pass and in every
+    run on this corpus, whatever the training seed (:data:`VALIDATION_SEED`), spread over ranks like
+    training (equal step counts, padding samples); ``max_samples`` keeps the first N of its order."""
     ds = PretrainingStream(
         corpus, cfg, micro_batch_size=micro_batch_size, world_size=world_size, rank=rank, split="validation",
         fixed_epoch=0, max_samples=max_samples if max_samples is not None else cfg.validation_max_samples,
-        expected_tokenizer=expected_tokenizer,
+        expected_tokenizer=expected_tokenizer, seed=VALIDATION_SEED,
     )
     return StreamingLoader(ds, num_workers=num_workers, pin_memory=pin_memory)
-
-
-def epochs_for_steps(samples_per_epoch: int, global_batch: int, steps: int) -> float:
-    """How many epochs ``steps`` optimizer steps of ``global_batch`` samples cover (for logging)."""
-    return math.inf if samples_per_epoch == 0 else steps * global_batch / samples_per_epoch
