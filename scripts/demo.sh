@@ -21,7 +21,7 @@ stage() {  # stage NAME CMD...: run, time, remember
 
 stage demo-data  $PY -m ptft_dist.cli demo-data --output "$DEMO/data"
 stage prepare    $PY -m ptft_dist.cli prepare --input "$DEMO/data/news/news_articles.jsonl" --output "$DEMO/corpus" \
-                   --overwrite prepare.workers="$WORKERS" prepare.tokenizer.vocab_size=8000
+                   --overwrite prepare.workers="$WORKERS" prepare.tokenizer.vocab_size=8000 prepare.shard_size_mb=1
 stage verify     $PY -m ptft_dist.cli verify "$DEMO/corpus" --quiet
 stage inspect    $PY -m ptft_dist.cli inspect "$DEMO/corpus" --docs 1
 

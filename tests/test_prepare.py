@@ -340,3 +340,26 @@ def test_cli_entry_point_reports_one_line_and_exit_code(tmp_path):
     proc = subprocess.run([ptft, "prepare", "-i", "x", "-o", "y", "prepare.tokenizer.vocab_sise=5"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "did you mean 'prepare.tokenizer.vocab_size'" in proc.stderr
+
+
+def test_big_jsonl_is_split_across_tasks_exactly_once(tmp_path):
+    from ptft_dist.config import PrepareConfig
+    from ptft_dist.data.inputs import ReadCounters, assign_sources, read_source, resolve_sources
+
+    lines = [json.dumps({"text": f"document {i} " + "x" * (i % 97)}) for i in range(5000)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    sources = resolve_sources([str(path)])
+    cfg = PrepareConfig()
+    for world in (1, 3, 8):
+        parts = [assign_sources(sources, r, world) for r in range(world)]
+        seen = [t for rank_parts in parts for p in rank_parts for t in read_source(p, cfg, ReadCounters())]
+        assert sorted(seen) == sorted(json.loads(x)["text"] for x in lines)
+    # small min part: many parts, every line boundary case (a part starting exactly at a line start)
+    from ptft_dist.data import inputs
+
+    for part in (1000, 1001, 4096):
+        units = [u for u in inputs.split_sources(sources, 4, min_part=part, max_part=part)]
+        assert len(units) > 10
+        seen = [t for u in units for t in read_source(u, cfg, ReadCounters())]
+        assert len(seen) == 5000 and len(set(seen)) == 5000

@@ -36,6 +36,12 @@ class Source:
     url: str
     kind: SourceKind
     size: int = 0  # bytes, when known (used to balance tasks and for throughput figures)
+    start: int = 0  # byte range of a part of a big JSONL file: lines that START in [start, end)
+    end: int = -1  # -1: to the end of the file
+
+    def where(self, lineno: int) -> str:
+        """``file:line`` for error messages (line counted within the part for later parts)."""
+        return f"{self.url}:{lineno}" if self.start == 0 else f"{self.url}@{self.start}+{lineno}"
 
     @property
     def is_hf(self) -> bool:
@@ -168,6 +174,22 @@ def read_txt(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Iterato
             yield "".join(block)
 
 
+def _lines_in_range(f, start: int, end: int) -> Iterator[bytes]:
+    """Lines that start within [start, end): each line of a split file is read by exactly one part."""
+    if start == 0 and end < 0:
+        yield from _lines(f)
+        return
+    pos = start
+    if start > 0:
+        f.seek(start - 1)
+        pos = start - 1 + len(f.readline())  # finish the line that straddles `start`
+    for raw in _lines(f):
+        if 0 <= end <= pos:
+            return
+        yield raw
+        pos += len(raw)
+
+
 def _text_of(record: object, where: str, field: str) -> str | None:
     if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -198,10 +220,10 @@ def read_jsonl(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Itera
                     yield text
             return
         f.seek(0)
-        for lineno, raw in enumerate(_lines(f), 1):
+        for lineno, raw in enumerate(_lines_in_range(f, src.start, src.end), 1):
             if not raw.strip():
                 continue
-            where = f"{src.url}:{lineno}"
+            where = src.where(lineno)
             line = _decode(raw, where, cfg, counters)
             try:
                 record = json.loads(line)
@@ -269,11 +291,30 @@ def read_source(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Iter
     raise InputError(f"{src.url}: cannot read kind {src.kind} as a file")
 
 
+def split_sources(sources: list[Source], world_size: int, min_part: int = 8 << 20, max_part: int = 256 << 20) -> list[Source]:
+    """Cut big uncompressed JSONL files into byte ranges, so one huge file still feeds every task."""
+    total = sum(s.size for s in sources)
+    part = min(max(total // (world_size * 4), min_part), max_part)
+    out: list[Source] = []
+    for src in sources:
+        if src.kind != "jsonl" or not src.size or src.size <= part or _compression(src.url):
+            out.append(src)
+            continue
+        n = -(-src.size // part)
+        bounds = [src.size * i // n for i in range(n + 1)]
+        out += [Source(src.url, src.kind, b - a, a, b if b < src.size else -1) for a, b in zip(bounds, bounds[1:])]
+    return out
+
+
+def _compression(url: str) -> bool:
+    return url.lower().endswith(_COMPRESSIONS)
+
+
 def assign_sources(sources: list[Source], rank: int, world_size: int) -> list[Source]:
-    """This task's files: largest first, greedily to the least-loaded task (deterministic)."""
+    """This task's files (or parts): largest first, greedily to the least-loaded task (deterministic)."""
     loads = [0] * world_size
     mine = []
-    files = sorted((s for s in sources if not s.is_hf), key=lambda s: (-s.size, s.url))
+    files = sorted((s for s in split_sources(sources, world_size) if not s.is_hf), key=lambda s: (-s.size, s.url, s.start))
     for src in files:
         task = min(range(world_size), key=lambda t: (loads[t], t))
         loads[task] += max(src.size, 1)
