@@ -69,7 +69,7 @@ def print_report(corpus_dir: str | Path, file=sys.stderr) -> None:
     r = json.loads((root / "prepare_report.json").read_text())
     m = load_manifest(root)
     rows = [
-        ("read", f"{r['read']['documents']:,} docs from {r["read"]["files"]} file part(s), {r['read']['megabytes']:.1f} MB"
+        ("read", f"{r['read']['documents']:,} docs from {r['read']['files']} file part(s), {r['read']['megabytes']:.1f} MB"
                  + (f", {r['read']['decode_replaced']} undecodable repaired" if r["read"]["decode_replaced"] else "")
                  + (f", {r['read']['bad_json_skipped']} bad JSON lines skipped" if r["read"]["bad_json_skipped"] else "")),
         ("clean", f"{r['clean']['kept']:,} kept; dropped " + (", ".join(f"{k} {v}" for k, v in r["clean"]["dropped"].items()) or "none")),
