@@ -1,0 +1,367 @@
+"""Run metrics: TensorBoard + JSONL logging, throughput / MFU, device peak FLOPs, memory, progress line.
+
+Everything here is host-side bookkeeping: nothing forces a device sync. Call
+:meth:`Throughput.summary` right after something that already synced (e.g. ``loss.item()`` at a
+log step) so the measured time covers the device work of the steps it averages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLogger:
+    """TensorBoard event files (``run_dir/tb``) and ``run_dir/metrics.jsonl``; a no-op unless enabled.
+
+    Enable it on rank 0 only. Every :meth:`log` call is one JSON line
+    ``{"step": ..., "split": ..., "time": <unix s>, <metrics>}`` and one scalar per metric tagged
+    ``<split>/<name>``; both are flushed at once, so a killed run keeps everything it logged.
+    Non-finite values are written as JSON ``NaN``/``Infinity`` (Python's json reads them).
+
+    On resume call :meth:`resume_from` (before logging) with the checkpoint's step: JSONL lines
+    of later steps -- which the resumed run is about to redo -- are dropped, and TensorBoard is
+    told to purge its events after that step (``SummaryWriter(purge_step=...)``).
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self._writer: Any = None
+        self._jsonl: Any = None
+        self._purge_step: int | None = None
+
+    # -- lazily opened sinks (nothing is created until something is logged)
+
+    def _tb(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # slow import; rank 0 only
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_step)
+        return self._writer
+
+    def _file(self) -> Any:
+        if self._jsonl is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
+        return self._jsonl
+
+    def resume_from(self, step: int) -> None:
+        """Forget what was logged after ``step`` (the resumed run logs those steps again)."""
+        if not self.enabled:
+            return
+        self.close()
+        self._purge_step = step + 1
+        if self.jsonl_path.exists():
+            kept = []
+            for line in self.jsonl_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line)
+            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, self.jsonl_path)
+
+    def log(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
+        """One record of scalars; tensors and numpy scalars are converted, None values skipped."""
+        if not self.enabled:
+            return
+        values = {k: _scalar(v) for k, v in metrics.items() if v is not None}
+        record = {"step": int(step), "split": split, "time": round(time.time(), 3), **values}
+        f = self._file()
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        writer = self._tb()
+        for name, value in values.items():
+            writer.add_scalar(f"{split}/{name}", value, global_step=int(step))
+        writer.flush()
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        """Text shown in TensorBoard's Text tab (resolved config YAML, hparams); rendered as code."""
+        if not self.enabled:
+            return
+        writer = self._tb()
+        writer.add_text(tag, "```\n" + text + "\n```", global_step=step)
+        writer.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _scalar(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().item()
+    return float(value)
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+class Throughput:
+    """Step time, tokens/s, samples/s, data-wait share and MFU over a window of steps.
+
+    The loop calls ``start_wait()`` / ``end_wait()`` (or ``with tp.waiting():``) around fetching
+    the batch and ``end_step(tokens, samples)`` after the optimizer step; :meth:`summary` averages
+    the steps since the previous summary. ``tokens`` / ``samples`` are this rank's real (non-pad)
+    counts; the all-rank rates assume balanced ranks (``× world_size``), which the data stream
+    guarantees up to one sample. MFU = this rank's model FLOPs / elapsed / ``peak_flops`` (one
+    device's peak).
+    """
+
+    def __init__(
+        self,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        world_size: int = 1,
+        clock: Any = time.perf_counter,
+    ) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.world_size = world_size
+        self._clock = clock
+        self._wait_started: float | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now (call it after the first, warm-up step to keep it out)."""
+        self._window_start = self._last = self._clock()
+        self._steps = self._tokens = self._samples = 0
+        self._wait = self._flops = 0.0
+
+    def start_wait(self) -> None:
+        self._wait_started = self._clock()
+
+    def end_wait(self) -> None:
+        if self._wait_started is not None:
+            self._wait += self._clock() - self._wait_started
+            self._wait_started = None
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        self.start_wait()
+        try:
+            yield
+        finally:
+            self.end_wait()
+
+    def end_step(self, tokens: int, samples: int, flops: float | None = None) -> float:
+        """Close one step; ``flops`` overrides ``tokens × flops_per_token``. Returns the step's time."""
+        now = self._clock()
+        dt, self._last = now - self._last, now
+        self._steps += 1
+        self._tokens += int(tokens)
+        self._samples += int(samples)
+        if flops is not None:
+            self._flops += flops
+        elif self.flops_per_token is not None:
+            self._flops += tokens * self.flops_per_token
+        return dt
+
+    def summary(self, reset: bool = True) -> dict[str, float]:
+        """Averages over the window: step_time_s, tokens_per_s(_device), samples_per_s, data_wait, mfu."""
+        elapsed = max(self._last - self._window_start, 1e-12)
+        steps = max(self._steps, 1)
+        out = {
+            "step_time_s": elapsed / steps,
+            "tokens_per_s": self._tokens * self.world_size / elapsed,
+            "tokens_per_s_device": self._tokens / elapsed,
+            "samples_per_s": self._samples * self.world_size / elapsed,
+            "data_wait": min(1.0, self._wait / elapsed),
+        }
+        if self.peak_flops and self._flops:
+            out["tflops_device"] = self._flops / elapsed / 1e12
+            out["mfu"] = self._flops / elapsed / self.peak_flops
+        if reset:
+            self.reset()
+        return out
+
+
+# --------------------------------------------------------------------------- device peak
+
+# Dense (no sparsity) tensor-core peaks, TFLOP/s, from the vendors' data sheets. Ordered: the
+# first pattern contained in the device name wins (so "H100 PCIe" before "H100", "A100" before "A10").
+# "tf32" applies to fp32 matmuls when torch allows TF32; "fp32" otherwise.
+_GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("GH200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("H200 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),  # SXM
+    ("H800", {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}),
+    ("H20", {"bf16": 148.0, "fp16": 148.0, "tf32": 74.0, "fp32": 44.0}),
+    ("GB200", {"bf16": 2500.0, "fp16": 2500.0, "tf32": 1250.0, "fp32": 80.0}),
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 75.0}),
+    ("B100", {"bf16": 1750.0, "fp16": 1750.0, "tf32": 875.0, "fp32": 60.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "tf32": 35.0, "fp32": 31.2}),  # AWS part, no official sheet: approximate
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    ("A30", {"bf16": 165.0, "fp16": 165.0, "tf32": 82.0, "fp32": 10.3}),
+    ("A40", {"bf16": 149.7, "fp16": 149.7, "tf32": 74.8, "fp32": 37.4}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    ("L40", {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    ("RTX 6000 Ada", {"bf16": 364.0, "fp16": 364.0, "tf32": 182.0, "fp32": 91.1}),
+    ("RTX A6000", {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7}),
+    ("RTX 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),  # fp32-accumulate rate
+    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
+    ("V100-PCIE", {"fp16": 112.0, "fp32": 14.0}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),  # no bf16 tensor cores: bf16 is rated at fp32
+    ("T4", {"fp16": 65.0, "fp32": 8.1}),
+]
+
+_DTYPE_KEY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def gpu_peak_tflops(name: str, dtype: torch.dtype, tf32: bool = False) -> float | None:
+    """Table lookup by device name (case-insensitive substring); None if unknown."""
+    key = _DTYPE_KEY.get(dtype, "fp32")
+    if key == "fp32" and tf32:
+        key = "tf32"
+    upper = name.upper()
+    for pattern, peaks in _GPU_PEAK_TFLOPS:
+        if pattern.upper() in upper:
+            return peaks.get(key, peaks["fp32"])
+    return None
+
+
+@cache
+def _probe_flops(device_type: str, device_index: int | None, dtype: torch.dtype) -> float:
+    """Measured matmul FLOP/s (~0.3 s): the best of several timed batches of n×n matmuls."""
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    n = 512 if device_type == "cpu" else 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device_type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a @ b  # warm up (thread pool, kernels)
+    sync()
+    best, reps, deadline = 0.0, 1, time.perf_counter() + 0.3
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        dt = time.perf_counter() - t0
+        best = max(best, 2.0 * n**3 * reps / dt)
+        if dt < 0.02:
+            reps *= 2
+    return best
+
+
+def device_peak_flops(
+    device: torch.device, dtype: torch.dtype, override_tflops: float | None = None
+) -> tuple[float, str]:
+    """Peak FLOP/s of one device for MFU, and where the number comes from.
+
+    Order: the config's ``train.device_peak_tflops``; for a GPU the data-sheet table (dense, no
+    sparsity; TF32 rate for fp32 when torch allows TF32 matmuls); otherwise a short matmul probe
+    (~0.3 s, cached per process) -- a measured rate, so MFU against it reads high.
+    """
+    if override_tflops:
+        return float(override_tflops) * 1e12, "config"
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+        tflops = gpu_peak_tflops(name, dtype, tf32=tf32)
+        if tflops is not None:
+            return tflops * 1e12, f"table: {name}"
+        return _probe_flops("cuda", device.index, dtype), f"probe: {name} (not in the table)"
+    return _probe_flops(device.type, None, torch.float32), f"probe: {device.type} fp32 matmul"
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory (MB) since the last reset, or this process's resident memory (MB) on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        mb = 1024.0**2
+        return {
+            "mem_max_allocated_mb": torch.cuda.max_memory_allocated(device) / mb,
+            "mem_max_reserved_mb": torch.cuda.max_memory_reserved(device) / mb,
+        }
+    import psutil
+
+    return {"mem_rss_mb": psutil.Process().memory_info().rss / 1024.0**2}
+
+
+# --------------------------------------------------------------------------- console
+
+
+def format_duration(seconds: float | None) -> str:
+    """h:mm:ss (``--:--:--`` when unknown)."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "--:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _si(value: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.2f}{suffix}"
+    return f"{value:.1f}"
+
+
+def format_progress(
+    step: int,
+    max_steps: int,
+    loss: float | None = None,
+    lr: float | None = None,
+    tokens_per_s: float | None = None,
+    mfu: float | None = None,
+    data_wait: float | None = None,
+    step_time_s: float | None = None,
+) -> str:
+    """One readable console line; ETA = remaining steps × ``step_time_s``. Unknown fields are left out.
+
+    ``step 120/1000 (12.0%) | loss 6.1234 | lr 1.00e-04 | 12.35k tok/s | MFU 41.2% | data 0.5% | ETA 0:14:40``
+    """
+    width = len(str(max_steps))
+    parts = [f"step {step:>{width}}/{max_steps} ({100.0 * step / max(max_steps, 1):.1f}%)"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if lr is not None:
+        parts.append(f"lr {lr:.2e}")
+    if tokens_per_s is not None:
+        parts.append(f"{_si(tokens_per_s)} tok/s")
+    if mfu is not None:
+        parts.append(f"MFU {100.0 * mfu:.1f}%")
+    if data_wait is not None:
+        parts.append(f"data {100.0 * data_wait:.1f}%")
+    if step_time_s is not None:
+        parts.append(f"ETA {format_duration(max(0, max_steps - step) * step_time_s)}")
+    return " | ".join(parts)
