@@ -22,6 +22,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ptft_dist.data.shards import CorpusError
 
     errors: list[type[BaseException]] = [UserError, ConfigError, CorpusError]
+    try:  # training-side errors (absent in a data-only install)
+        from ptft_dist.dist import DistError
+        from ptft_dist.train.checkpoint import CheckpointError
+        from ptft_dist.train.engine import EngineConfigError
+        from ptft_dist.train.pretrain import PretrainError
+
+        errors += [DistError, CheckpointError, EngineConfigError, PretrainError]
+    except ImportError:
+        pass
     from ptft_dist.data.demo_data import DemoDataError
     from ptft_dist.data.inputs import InputError
 
@@ -38,6 +47,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     prepare(args.input, args.output, cfg, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ptft_dist.config import load_config
+    from ptft_dist.train.pretrain import pretrain
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.corpus:
+        overrides.append(f"data.corpus={args.corpus}")
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir}")
+    pretrain(load_config(args.config, overrides))
     return 0
 
 
@@ -98,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML config (sections: prepare, data, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished corpus in CORPUS_DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. prepare.tokenizer.vocab_size=8000")
+
+    p = add("pretrain", cmd_pretrain, "MLM + NSP pretraining (DeepSpeed ZeRO or Accelerate), resumable")
+    p.add_argument("--config", "-c", help="YAML config, e.g. configs/pretrain/tiny-cpu.yaml")
+    p.add_argument("--corpus", help="corpus directory or URL (same as data.corpus=...)")
+    p.add_argument("--run-dir", help="where checkpoints, logs and TensorBoard files go (train.run_dir)")
+    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (default: auto-resume from the run dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.zero_stage=3 train.max_steps=100")
 
     p = add("verify", cmd_verify, "re-check every shard checksum and the corpus structure")
     p.add_argument("corpus", metavar="CORPUS_DIR")
