@@ -137,6 +137,8 @@ def pretrain(cfg: Config) -> Path:
     bert_cfg = model.hf_model.config
     engine = build_engine(model, cfg.train, cfg.optim, lr_lambda(cfg.optim, cfg.train.max_steps),
                           env.world_size, device)
+    if env.is_main:
+        engine.save_ds_config(run_dir / "ds_config.json")
     train_loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, env.world_size, env.rank,
                                       expected_tokenizer=manifest.tokenizer_hash, pin_memory=device.type == "cuda")
     val_loader = build_validation_loader(cfg.data, cfg.train.micro_batch_size, env.world_size, env.rank,
@@ -147,7 +149,7 @@ def pretrain(cfg: Config) -> Path:
     step = 0
     resume_path = ckpt.resolve_resume()
     if resume_path is not None:
-        _check_resume_compatible(CheckpointManager.verify(resume_path), cfg, bert_cfg.to_dict(), manifest.tokenizer_hash)
+        _check_resume_compatible(CheckpointManager.verify(resume_path).get("client", {}), cfg, bert_cfg.to_dict(), manifest.tokenizer_hash)
         client = ckpt.load(engine, resume_path)
         train_loader.load_state_dict(client["data"])
         restore_rng(client)
