@@ -10,32 +10,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from ptft_dist.errors import UserError
+
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """An error caused by the user's input, reported as one line (no traceback)."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from ptft_dist.config import ConfigError
-    from ptft_dist.data.shards import CorpusError
-
-    errors: list[type[BaseException]] = [UserError, ConfigError, CorpusError]
-    try:  # training-side errors (absent in a data-only install)
-        from ptft_dist.dist import DistError
-        from ptft_dist.train.checkpoint import CheckpointError
-        from ptft_dist.train.engine import EngineConfigError
-        from ptft_dist.train.pretrain import PretrainError
-
-        errors += [DistError, CheckpointError, EngineConfigError, PretrainError]
-    except ImportError:
-        pass
-    from ptft_dist.data.demo_data import DemoDataError
-    from ptft_dist.data.inputs import InputError
-
-    errors += [InputError, DemoDataError]
-    return tuple(errors)
 
 
 # --------------------------------------------------------------------------- commands
@@ -164,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
+    except UserError as exc:
         print(f"ptft: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

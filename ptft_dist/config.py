@@ -19,8 +19,10 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from ptft_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema."""
 
 

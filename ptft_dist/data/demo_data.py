@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ptft_dist.errors import UserError
+
 FORMAT_VERSION = 1
 SOURCES_NAME = "SOURCES.json"
 SPLIT_SEED = 13
@@ -42,7 +44,7 @@ SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 PIP_TIMEOUT_S = 1800
 
 
-class DemoDataError(RuntimeError):
+class DemoDataError(UserError, RuntimeError):
     """A download or an archive that is not what the demo data expects; the message says which."""
 
 

@@ -17,6 +17,7 @@ from typing import Literal
 import fsspec
 
 from ptft_dist.config import PrepareConfig
+from ptft_dist.errors import UserError
 
 SourceKind = Literal["txt", "jsonl", "json", "parquet", "hf"]
 
@@ -25,7 +26,7 @@ _EXT_KIND = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl
              ".parquet": "parquet", ".pq": "parquet"}
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input named by file (and line): reported as one line, the run stops."""
 
 

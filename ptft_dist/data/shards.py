@@ -33,6 +33,8 @@ from typing import Optional
 
 import numpy as np
 
+from ptft_dist.errors import UserError
+
 MAGIC = b"PTFTSHRD"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -43,7 +45,7 @@ _PREAMBLE = struct.Struct("<8sII")
 _SECTIONS = ("doc_offsets", "sentence_offsets", "doc_ids", "tokens")
 
 
-class CorpusError(RuntimeError):
+class CorpusError(UserError, RuntimeError):
     """A corpus that is missing, malformed or fails its checksums; the message names the file."""
 
 

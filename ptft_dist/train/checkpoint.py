@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from ptft_dist.config import CheckpointConfig
+from ptft_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ COMPLETE = "COMPLETE"
 _TAG_RE = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written / found / trusted (the message says which and why)."""
 
 

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ptft_dist.config import OptimConfig, TrainConfig
+from ptft_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ CLIENT_KEY = "ptft_client_state"  # the loop's client_state inside DeepSpeed's m
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class EngineConfigError(ValueError):
+class EngineConfigError(UserError, ValueError):
     """A run config / DeepSpeed JSON combination that cannot work (names the keys involved)."""
 
 

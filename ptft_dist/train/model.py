@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForPreTraining
 
-from ptft_dist.config import ModelConfig
+from ptft_dist.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,14 @@ VARLEN_ATTENTION_IMPLEMENTATIONS: set[str] = set()
 
 def _positive_int(key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     return value
 
 
 def bert_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> BertConfig:
     """The ``BertConfig`` of a preset with the config's overrides (intermediate = 4 × hidden unless set)."""
     if model_cfg.preset not in PRESETS:
-        raise ValueError(f"model.preset: {model_cfg.preset!r} is not one of {sorted(PRESETS)}")
+        raise ConfigError(f"model.preset: {model_cfg.preset!r} is not one of {sorted(PRESETS)}")
     shape = dict(PRESETS[model_cfg.preset])
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         value = getattr(model_cfg, key)
@@ -68,16 +68,16 @@ def bert_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> B
             shape[key] = _positive_int(f"model.{key}", value)
     hidden, heads = shape["hidden_size"], shape["num_attention_heads"]
     if hidden % heads:
-        raise ValueError(f"model.hidden_size ({hidden}) is not divisible by model.num_attention_heads ({heads})")
+        raise ConfigError(f"model.hidden_size ({hidden}) is not divisible by model.num_attention_heads ({heads})")
     shape.setdefault("intermediate_size", 4 * hidden)
     _positive_int("model.max_position_embeddings", model_cfg.max_position_embeddings)
     _positive_int("vocab_size (from the corpus tokenizer)", vocab_size)
     if not 0 <= pad_token_id < vocab_size:
-        raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary (size {vocab_size})")
+        raise ConfigError(f"pad_token_id {pad_token_id} is outside the vocabulary (size {vocab_size})")
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         p = getattr(model_cfg, key)
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"model.{key} must be in [0, 1), got {p!r}")
+            raise ConfigError(f"model.{key} must be in [0, 1), got {p!r}")
     impl = model_cfg.attn_implementation or "sdpa"
     _check_attn_implementation(impl)
     return BertConfig(
@@ -97,7 +97,7 @@ def _check_attn_implementation(impl: str) -> None:
 
     known = {"eager", *AttentionInterface._global_mapping}
     if impl not in known and "/" not in impl:  # "org/kernel" names are hub kernels, checked by transformers
-        raise ValueError(f"model.attn_implementation: {impl!r} is not one of {sorted(known)} (or a hub kernel)")
+        raise ConfigError(f"model.attn_implementation: {impl!r} is not one of {sorted(known)} (or a hub kernel)")
 
 
 def attn_supports_packing(impl: str | None) -> bool:
@@ -206,9 +206,9 @@ class BertPretrainer(nn.Module):
         sample_ids: torch.Tensor | None = None,  # accepted so the loop can pass the whole batch
     ) -> PretrainOutput:
         if labels is None:
-            raise ValueError("BertPretrainer needs MLM labels (-100 where nothing is predicted)")
+            raise ConfigError("BertPretrainer needs MLM labels (-100 where nothing is predicted)")
         if self.nsp and next_sentence_label is None:
-            raise ValueError("NSP is on (data.nsp=true) but the batch has no next_sentence_label")
+            raise ConfigError("NSP is on (data.nsp=true) but the batch has no next_sentence_label")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
@@ -319,14 +319,14 @@ def build_pretrainer(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int,
         attention_probs_dropout_prob=model_cfg.attention_probs_dropout_prob,
     )
     if hf.config.vocab_size != vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.init_from: {model_cfg.init_from} has vocab_size {hf.config.vocab_size}, "
             f"the corpus tokenizer has {vocab_size}"
         )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         want = getattr(model_cfg, key)
         if want is not None and want != getattr(hf.config, key):
-            raise ValueError(f"model.{key}={want} contradicts model.init_from ({key}={getattr(hf.config, key)})")
+            raise ConfigError(f"model.{key}={want} contradicts model.init_from ({key}={getattr(hf.config, key)})")
     return BertPretrainer(hf, **kwargs)
 
 

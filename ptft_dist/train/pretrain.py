@@ -28,6 +28,7 @@ from ptft_dist import dist
 from ptft_dist.config import Config, config_hash, save_resolved, to_dict
 from ptft_dist.data.shards import TOKENIZER_DIR, CorpusError, load_manifest
 from ptft_dist.data.stream import build_train_loader, build_validation_loader
+from ptft_dist.errors import UserError
 from ptft_dist.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -45,7 +46,7 @@ MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels", "next
                 "cu_seqlens", "indices", "max_seqlen")
 
 
-class PretrainError(RuntimeError):
+class PretrainError(UserError, RuntimeError):
     """A run that cannot start or resume as configured; the message says which setting."""
 
 

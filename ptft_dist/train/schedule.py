@@ -30,28 +30,28 @@ from collections.abc import Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from ptft_dist.config import OptimConfig
+from ptft_dist.config import ConfigError, OptimConfig
 
 SCHEDULES = ("linear", "cosine", "wsd", "constant")
 
 
 def _check(optim_cfg: OptimConfig, max_steps: int) -> None:
     if not isinstance(max_steps, int) or max_steps <= 0:
-        raise ValueError(f"train.max_steps must be a positive integer, got {max_steps!r}")
+        raise ConfigError(f"train.max_steps must be a positive integer, got {max_steps!r}")
     if optim_cfg.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule: {optim_cfg.schedule!r} is not one of {list(SCHEDULES)}")
+        raise ConfigError(f"optim.schedule: {optim_cfg.schedule!r} is not one of {list(SCHEDULES)}")
     if optim_cfg.warmup_steps < 0:
-        raise ValueError(f"optim.warmup_steps must be >= 0, got {optim_cfg.warmup_steps}")
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim_cfg.warmup_steps}")
     if optim_cfg.warmup_steps > max_steps:
-        raise ValueError(f"optim.warmup_steps ({optim_cfg.warmup_steps}) is larger than train.max_steps ({max_steps})")
+        raise ConfigError(f"optim.warmup_steps ({optim_cfg.warmup_steps}) is larger than train.max_steps ({max_steps})")
     if not 0.0 <= optim_cfg.min_lr_ratio <= 1.0:
-        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {optim_cfg.min_lr_ratio}")
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {optim_cfg.min_lr_ratio}")
     if optim_cfg.schedule == "wsd":
         if not 0.0 < optim_cfg.decay_fraction <= 1.0:
-            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {optim_cfg.decay_fraction}")
+            raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {optim_cfg.decay_fraction}")
         decay = round(optim_cfg.decay_fraction * max_steps)
         if optim_cfg.warmup_steps + decay > max_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"optim.decay_fraction ({optim_cfg.decay_fraction}) × train.max_steps ({max_steps}) = {decay} "
                 f"decay steps do not fit after optim.warmup_steps ({optim_cfg.warmup_steps})"
             )
