@@ -42,6 +42,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ptft_dist.convert import convert
+
+    convert(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from ptft_dist.data.shards import load_manifest, verify_corpus
 
@@ -107,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (default: auto-resume from the run dir)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.zero_stage=3 train.max_steps=100")
 
+    p = add("convert", cmd_convert, "checkpoint (any ZeRO stage, any world size) → plain Hugging Face model dir")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT_DIR")
+    p.add_argument("--output", "-o", required=True, metavar="HF_DIR")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--overwrite", action="store_true")
+
     p = add("verify", cmd_verify, "re-check every shard checksum and the corpus structure")
     p.add_argument("corpus", metavar="CORPUS_DIR")
     p.add_argument("--quiet", "-q", action="store_true")
@@ -136,9 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` that the deepspeed launcher adds (LOCAL_RANK is in the environment too)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not a.startswith(("--local_rank=", "--local-rank=")):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -1,0 +1,231 @@
+"""``ptft convert``: a pretraining checkpoint (any ZeRO stage, any world size) → a plain HF model dir.
+
+Weights are consolidated by DeepSpeed's own ``zero_to_fp32`` (lazily, one tensor at a time, so
+peak memory stays near the model size), loaded into a stock ``BertForPreTraining`` (the MLM
+decoder is tied to the word embeddings), written with ``save_pretrained`` (safetensors), and then
+checked: the export is reloaded with plain ``transformers`` and its MLM and NSP logits are
+compared with the checkpoint's on a probe batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ptft_dist.errors import UserError
+
+LATEST = "latest"
+META = "ptft_export.json"
+
+
+class ConvertError(UserError, RuntimeError):
+    """A checkpoint that cannot be exported as asked; the message names the file."""
+
+
+@dataclass
+class Source:
+    """A resolved checkpoint: the step directory and the run it belongs to."""
+
+    step_dir: Path
+    run_dir: Path | None
+    client: dict
+
+
+def resolve_checkpoint(path: str | Path) -> Source:
+    """RUN_DIR, RUN_DIR/checkpoints or a step directory → the checkpoint to export."""
+    from ptft_dist.train.checkpoint import CheckpointError, CheckpointManager
+
+    p = Path(path)
+    if not p.exists():
+        raise ConvertError(f"{p}: no such checkpoint or run directory")
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / LATEST).is_file():
+        tag = (p / LATEST).read_text().strip()
+        p = p / tag
+    elif not any(p.glob("*model_states.pt")) and not (p / "model.safetensors").exists():
+        raise ConvertError(f"{path}: no '{LATEST}' file and no checkpoint files here "
+                           "(give a run directory, its checkpoints/ folder, or a step_N folder)")
+    try:
+        manifest = CheckpointManager.verify(p)
+    except CheckpointError as exc:
+        raise ConvertError(str(exc)) from None
+    run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
+    return Source(p, run_dir, manifest.get("client", {}))
+
+
+def _backend_meta(step_dir: Path) -> dict:
+    meta = step_dir / "ptft_meta.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from DeepSpeed ZeRO 1-3 partitions (any world size), a ZeRO-0 model state
+    file, or an Accelerate ``model.safetensors``. Tensors are materialised one at a time."""
+    if list(step_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            lazy = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name, lazy_mode=True)
+        except Exception as exc:
+            raise ConvertError(f"{step_dir}: DeepSpeed could not consolidate the ZeRO partitions ({exc})") from None
+        return _Materialising(lazy)
+    model_states = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
+    if model_states:
+        try:
+            state = torch.load(model_states[0], map_location="cpu", mmap=True, weights_only=False)
+        except Exception as exc:
+            raise ConvertError(f"{model_states[0]}: unreadable ({exc})") from None
+        return {k: v.float() for k, v in state["module"].items()}
+    if (step_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return {k: v.float() for k, v in load_file(str(step_dir / "model.safetensors")).items()}
+    raise ConvertError(f"{step_dir}: no model weights found")
+
+
+class _Materialising(dict):
+    """A dict of DeepSpeed lazy tensors that turns each into a real fp32 tensor when read."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return super().__getitem__(key).contiguous().float()
+
+    def items(self):
+        for k in self.keys():
+            yield k, self[k]
+
+
+def _load_into(model: torch.nn.Module, state: dict) -> None:
+    """Copy weights tensor by tensor; tied ones (decoder = word embeddings) may be present or not."""
+    targets = model.state_dict(keep_vars=True)
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    missing = [k for k in targets if k not in state and k not in tied]
+    if missing:
+        raise ConvertError(f"checkpoint lacks model weights: {', '.join(missing[:5])}")
+    unexpected = [k for k in state if k not in targets]
+    if unexpected:
+        raise ConvertError(f"checkpoint has weights this BERT does not: {', '.join(list(unexpected)[:5])}")
+    with torch.no_grad():
+        for k in list(state.keys()):
+            value = state[k]
+            if tuple(value.shape) != tuple(targets[k].shape):
+                raise ConvertError(f"weight {k}: checkpoint shape {tuple(value.shape)}, model {tuple(targets[k].shape)}")
+            targets[k].copy_(value)
+            del value
+    model.tie_weights()
+
+
+def probe_batch(config, n: int = 4, seq: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic batch with padding and both segments: enough to exercise every weight."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, config.vocab_size, (n, seq), generator=g)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[1, seq // 2 :] = 0
+    types = torch.zeros(n, seq, dtype=torch.long)
+    types[:, seq // 2 :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, batch: dict) -> float:
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        oa, ob = a(**batch), b(**batch)
+    mask = batch["attention_mask"].bool()
+    mlm = (oa.prediction_logits[mask] - ob.prediction_logits[mask]).abs().max().item()
+    nsp = (oa.seq_relationship_logits - ob.seq_relationship_logits).abs().max().item()
+    return max(mlm, nsp)
+
+
+def _current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite: bool = False) -> dict:
+    """Export and verify; returns a report (also written into the export as ptft_export.json)."""
+    import deepspeed.utils.zero_to_fp32  # noqa: F401 - imported before the memory baseline is taken
+    import transformers
+    from transformers import AutoModelForPreTraining, BertConfig, BertForPreTraining, BertForSequenceClassification
+
+    transformers.logging.set_verbosity_error()  # the load report for the classifier head is expected noise
+    t0 = time.time()
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConvertError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    if dtype not in ("fp32", "bf16"):
+        raise ConvertError(f"--dtype: {dtype!r} is not one of fp32, bf16")
+    source = resolve_checkpoint(src)
+    config_dict = source.client.get("model_config")
+    if not config_dict:
+        raise ConvertError(f"{source.step_dir}: the checkpoint manifest has no model_config (not a ptft pretraining run?)")
+    tok_dir = (source.run_dir / "tokenizer") if source.run_dir else None
+    if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
+        raise ConvertError(f"{source.step_dir}: no tokenizer/ beside the checkpoints (expected {tok_dir})")
+
+    baseline_mb = _current_rss_mb()
+    config = BertConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
+    config.architectures = ["BertForPreTraining"]
+    model = BertForPreTraining(config)
+    _load_into(model, consolidated_state_dict(source.step_dir))
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        export = model if dtype == "fp32" else model.to(torch.bfloat16)
+        export.save_pretrained(str(tmp), safe_serialization=True)
+        for f in tok_dir.iterdir():  # the corpus tokenizer, byte for byte (vocab.txt included)
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        # verification with plain transformers, no custom code
+        reloaded = AutoModelForPreTraining.from_pretrained(str(tmp), torch_dtype=torch.float32)
+        reference = model.float()
+        diff = max_logit_diff(reference, reloaded, probe_batch(config))
+        if dtype == "fp32" and diff > 1e-5:  # bf16 exports are rounded on purpose: reported, not checked
+            raise ConvertError(f"verification failed: max |logit difference| {diff:.2e} > 1e-05")
+        cls_model, info = BertForSequenceClassification.from_pretrained(str(tmp), num_labels=2, output_loading_info=True)
+        encoder_missing = [k for k in info["missing_keys"] if not k.startswith("classifier.")]
+        if encoder_missing:
+            raise ConvertError(f"export does not load into BertForSequenceClassification: missing {encoder_missing[:5]}")
+        del cls_model, reloaded
+        report = {
+            "source": str(source.step_dir.resolve()),
+            "run_dir": str(source.run_dir.resolve()) if source.run_dir else None,
+            "step": source.client.get("step"),
+            "config_hash": source.client.get("config_hash"),
+            "tokenizer_hash": source.client.get("tokenizer_hash"),
+            "corpus": source.client.get("data", {}).get("corpus_fingerprint"),
+            "dtype": dtype,
+            "backend": _backend_meta(source.step_dir),
+            "max_abs_logit_diff": diff,
+            "verified": True,
+            "model_mb_fp32": round(model_bytes / 2**20, 2),
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_rss_over_baseline_mb": round(_peak_rss_mb() - baseline_mb, 1),
+            "peak_rss_over_model_size": round((_peak_rss_mb() - baseline_mb) / max(model_bytes / 2**20, 1e-9), 2),
+            "seconds": round(time.time() - t0, 2),
+        }
+        (tmp / META).write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"ptft convert: {source.step_dir} → {out} ({dtype}); verified: max |logit diff| {report['max_abs_logit_diff']:.2e}; "
+          f"memory: +{report['peak_rss_over_baseline_mb']:.0f} MB at peak for a {report['model_mb_fp32']:.1f} MB fp32 model "
+          f"({report['peak_rss_over_model_size']:.2f}x)", file=sys.stderr)
+    return report
