@@ -186,6 +186,7 @@ class TrainConfig:
     seed: int = 42
     run_dir: str = "runs/pretrain"
     device_peak_tflops: Optional[float] = None  # for MFU; default: GPU table or a CPU matmul probe
+    log_sample_ids: bool = False  # every rank appends the global sample ids of each step to RUN_DIR/sample_ids/
 
 
 # --------------------------------------------------------------------------- finetune

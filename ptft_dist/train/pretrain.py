@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,21 @@ from ptft_dist.train.model import build_pretrainer, count_parameters, effective_
 from ptft_dist.train.schedule import lr_lambda
 
 log = logging.getLogger("ptft.pretrain")
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's deprecated calls
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label",
                 "cu_seqlens", "indices", "max_seqlen")
+
+
+class _SampleIdLog:
+    """``RUN_DIR/sample_ids/rank{R}.jsonl``: which global samples each step used (data-order debugging)."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "sample_ids" / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - open for the run
+
+    def write(self, step: int, ids: list[int]) -> None:
+        self.file.write(f'{{"step": {step}, "ids": {ids}}}\n')
+        self.file.flush()
 
 
 class PretrainError(UserError, RuntimeError):
@@ -83,6 +97,16 @@ class Window:
         if nsp_n:
             out.update(nsp_loss=nsp, nsp_acc=nsp_ok / nsp_n)
         return out
+
+
+def _global_sum(n: int) -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([n], dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        return int(t.item())
+    return n
 
 
 def _inputs(batch: dict) -> dict:
@@ -147,7 +171,7 @@ def pretrain(cfg: Config) -> Path:
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, env.rank, env.world_size)
     metrics = MetricsLogger(run_dir, enabled=env.is_main)
 
-    step = 0
+    step = consumed_tokens = 0
     resume_path = ckpt.resolve_resume()
     if resume_path is not None:
         _check_resume_compatible(CheckpointManager.verify(resume_path).get("client", {}), cfg, bert_cfg.to_dict(), manifest.tokenizer_hash)
@@ -155,6 +179,7 @@ def pretrain(cfg: Config) -> Path:
         train_loader.load_state_dict(client["data"])
         restore_rng(client)
         step = int(client["step"])
+        consumed_tokens = int(client.get("consumed_tokens", 0))
         metrics.resume_from(step)
         if env.is_main:
             print(f"ptft pretrain: resumed from {resume_path} at step {step} "
@@ -168,6 +193,7 @@ def pretrain(cfg: Config) -> Path:
 
     def client_state() -> dict:
         return {"step": step, "data": train_loader.state_dict(), "config_hash": config_hash(cfg),
+                "consumed_tokens": consumed_tokens,
                 "model_config": bert_cfg.to_dict(), "tokenizer_hash": manifest.tokenizer_hash,
                 "world_size": env.world_size}
 
@@ -176,14 +202,19 @@ def pretrain(cfg: Config) -> Path:
     window = Window()
     accum = cfg.train.grad_accum
     batches = train_loader.forever()
+    ids_log = _SampleIdLog(run_dir, env.rank) if cfg.train.log_sample_ids else None
+    pending_tokens = 0  # this rank's tokens since the last all-reduce into consumed_tokens
     t_start = time.perf_counter()
     with PreemptionHandler() as preemption:
         while step < cfg.train.max_steps:
             tokens = samples = 0
             flops = 0.0
+            step_ids = []
             for _ in range(accum):
                 with throughput.waiting():
                     batch = next(batches)
+                if ids_log:
+                    step_ids += batch["sample_ids"].tolist()
                 lengths = batch["attention_mask"].sum(dim=1)
                 n_tokens = int(lengths.sum())
                 masked = int((batch["labels"] != -100).sum())
@@ -196,8 +227,16 @@ def pretrain(cfg: Config) -> Path:
                 engine.step()
                 window.add(out)
             step += 1
+            pending_tokens += tokens
             throughput.end_step(tokens, samples, flops=flops)
+            if ids_log:
+                ids_log.write(step, step_ids)
 
+            stop = preemption.should_stop()
+            save = stop or ckpt.should_save(step) or step == cfg.train.max_steps
+            if save or step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                consumed_tokens += _global_sum(pending_tokens)
+                pending_tokens = 0
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 m = window.reduce()
                 window = Window()
@@ -205,7 +244,8 @@ def pretrain(cfg: Config) -> Path:
                 m.update(lr=engine.lr, grad_norm=engine.grad_norm, loss_scale=engine.loss_scale,
                          tokens_per_s=t["tokens_per_s"], samples_per_s=t["samples_per_s"], mfu=t["mfu"],
                          step_time_s=t["step_time_s"], data_wait=t["data_wait"],
-                         consumed_samples=train_loader.state_dict()["consumed"], epoch=train_loader.epoch,
+                         consumed_samples=train_loader.state_dict()["consumed"], consumed_tokens=consumed_tokens,
+                         epoch=train_loader.epoch,
                          **memory_stats(device))
                 metrics.log(step, m)
                 if env.is_main:
@@ -220,8 +260,7 @@ def pretrain(cfg: Config) -> Path:
                           f"ppl {ev['perplexity']:.1f}" + (f" nsp_acc {ev['nsp_acc']:.4f}" if "nsp_acc" in ev else ""),
                           file=sys.stderr, flush=True)
 
-            stop = preemption.should_stop()
-            if stop or ckpt.should_save(step) or step == cfg.train.max_steps:
+            if save:
                 ckpt.save(engine, step, client_state())
             if stop:
                 if env.is_main:
