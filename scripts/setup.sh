@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 VENV=${PTFT_VENV:-.venv}
 extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+[[ "${1:-}" == "--dev" ]] && extras="[dev,mpi]"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "setup: creating $VENV"

@@ -20,6 +20,13 @@ def test_yaml_and_overrides_combine(tmp_path):
     assert cfg.data.whole_word_mask is True
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n")
+    assert load_config(path, ["optim.eps=1e-8"]).optim.lr == pytest.approx(1e-4)
+    assert load_config(None, ["optim.eps=1e-8"]).optim.eps == pytest.approx(1e-8)
+
+
 def test_int_is_accepted_for_float_and_none_for_optional():
     cfg = load_config(None, ["prepare.shard_size_mb=2", "prepare.tokenizer.path=null"])
     assert cfg.prepare.shard_size_mb == 2.0 and isinstance(cfg.prepare.shard_size_mb, float)

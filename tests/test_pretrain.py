@@ -1,0 +1,267 @@
+"""``ptft pretrain`` end to end: 2 CPU ranks over gloo under the real ``deepspeed`` launcher.
+
+Numbers are compared, not exit codes: loss sequences, final weights (bitwise), sample ids,
+TensorBoard scalars read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from ptft_dist.convert import consolidated_state_dict, resolve_checkpoint
+from tests.corpus_factory import flip_byte, make_corpus
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+STEPS = 12
+TINY = [
+    "model.preset=tiny", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidden_layers=2",
+    "model.intermediate_size=64", "data.max_seq_len=64", "data.num_workers=0", "train.micro_batch_size=4",
+    f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=6", "train.eval_batches=2",
+    "checkpoint.every=4", "checkpoint.keep_last=5", "optim.lr=2e-3", "optim.warmup_steps=2", "train.log_sample_ids=true",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env["PYTHONPATH"] = str(ROOT)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(corpus: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    args = ["pretrain", "--corpus", str(corpus), "--run-dir", str(run_dir), *TINY, *overrides]
+    if nproc == 1:
+        return [PY, "-m", "ptft_dist.cli", *args]
+    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_port()), str(ROOT / "ptft_dist" / "cli.py"), *args]
+
+
+def run(corpus: Path, run_dir: Path, *overrides: str, nproc: int = 2, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(corpus, run_dir, *overrides, nproc=nproc), env=_env(), capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["split"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def sample_ids(run_dir: Path) -> dict[int, list[int]]:
+    """Step → sorted global sample ids used by all ranks (the last write of a step wins: resumes redo steps)."""
+    per_rank: dict[int, dict[int, list[int]]] = {}
+    for f in sorted((run_dir / "sample_ids").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            per_rank.setdefault(rec["step"], {})[int(f.stem[4:])] = rec["ids"]
+    return {step: sorted(i for ids in ranks.values() for i in ids) for step, ranks in per_rank.items()}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = consolidated_state_dict(resolve_checkpoint(run_dir).step_dir)
+    return {k: state[k].clone() for k in state.keys()}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"weights differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain_corpus")
+    make_corpus(root, shard_docs=(40, 25, 50, 30), val_docs=(12,), sentences=(2, 10), n_words=(4, 14))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> dict[int, Path]:
+    """Uninterrupted 2-rank runs, per ZeRO stage, made once and compared against by several tests."""
+    out = {}
+    for stage in (2, 3):
+        run_dir = tmp_path_factory.mktemp(f"ref_zero{stage}")
+        run(corpus, run_dir, f"train.zero_stage={stage}")
+        out[stage] = run_dir
+    return out
+
+
+def test_identical_runs_give_identical_losses_and_weights(corpus, reference, tmp_path):
+    again = tmp_path / "again"
+    run(corpus, again, "train.zero_stage=2")
+    ref = losses(reference[2])
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert losses(again) == ref
+    assert_same_weights(again, reference[2])
+    assert ref[STEPS] < ref[1]  # it learns something
+    # ZeRO-2 and ZeRO-3 optimise the same model on the same data: same curve up to float noise
+    z3 = losses(reference[3])
+    assert max(abs(z3[s] - ref[s]) for s in ref) < 1e-4
+
+
+def test_tensorboard_has_every_scalar(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = reference[2]
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    tags = set(acc.Tags()["scalars"])
+    train = ["loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "lr", "grad_norm", "tokens_per_s", "samples_per_s",
+             "mfu", "step_time_s", "data_wait", "mem_rss_mb", "consumed_samples", "consumed_tokens", "epoch"]
+    evals = ["loss", "mlm_loss", "mlm_acc", "perplexity", "nsp_acc"]
+    missing = [f"train/{t}" for t in train if f"train/{t}" not in tags] + [f"eval/{t}" for t in evals if f"eval/{t}" not in tags]
+    assert not missing, missing
+    jsonl = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for rec in jsonl:
+        for key, value in rec.items():
+            if key in ("step", "split", "time"):
+                continue
+            events = {e.step: e.value for e in acc.Scalars(f"{rec['split']}/{key}")}
+            assert events[rec["step"]] == pytest.approx(value, rel=1e-6, abs=1e-6), (rec["split"], key)
+    assert [r for r in jsonl if r["split"] == "eval"], "no eval records"
+    assert any("config" in t for t in acc.Tags()["tensors"])  # the resolved config, as text
+    # consumed samples and tokens grow exactly by the global batch / real token count
+    train_recs = [r for r in jsonl if r["split"] == "train"]
+    assert [r["consumed_samples"] for r in train_recs][:3] == [8, 16, 24]
+    assert all(b["consumed_tokens"] > a["consumed_tokens"] for a, b in zip(train_recs, train_recs[1:]))
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "cli.py" in " ".join(child.cmdline()):
+                return child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def _start_and_wait_for_step(corpus: Path, run_dir: Path, step: int, *overrides: str) -> subprocess.Popen:
+    proc = subprocess.Popen(command(corpus, run_dir, *overrides), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(run_dir.parent / f"{run_dir.name}.log", "w"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {(run_dir.parent / f'{run_dir.name}.log').read_text()[-2000:]}")
+        m = run_dir / "metrics.jsonl"
+        if m.exists() and any(json.loads(x)["step"] >= step for x in m.read_text().splitlines() if x.strip()):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("run did not reach the step in time")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_kill9_of_one_rank_then_auto_resume_is_bitwise_equal(corpus, reference, tmp_path, stage):
+    kill_at = random.Random().randint(5, STEPS - 2)
+    print(f"killing rank 1 at step >= {kill_at}")
+    run_dir = tmp_path / "run"
+    proc = _start_and_wait_for_step(corpus, run_dir, kill_at, f"train.zero_stage={stage}")
+    pid = _rank_pid(proc, 1)
+    assert pid, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() in {"step_4", "step_8"}
+    run(corpus, run_dir, f"train.zero_stage={stage}")  # checkpoint.resume=auto
+    assert_same_weights(run_dir, reference[stage])
+    assert losses(run_dir) == losses(reference[stage])  # redone steps replaced the killed run's lines
+    assert sample_ids(run_dir) == sample_ids(reference[stage])
+
+
+def test_sigusr1_saves_exits_with_requeue_code_and_resume_equals(corpus, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_and_wait_for_step(corpus, run_dir, 5, "train.zero_stage=2")
+    os.kill(_rank_pid(proc, 0), signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 124
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 5 <= stopped_at < STEPS
+    run(corpus, run_dir, "train.zero_stage=2")
+    assert_same_weights(run_dir, reference[2])
+    assert losses(run_dir) == losses(reference[2])
+
+
+def test_elastic_two_to_one_rank_continues_the_sequence(corpus, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_and_wait_for_step(corpus, run_dir, 6, "train.zero_stage=2")
+    os.kill(_rank_pid(proc, 0), signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 124
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    # one rank, same global batch (4 × 2 accumulation × 1 rank = 4 × 1 × 2 ranks)
+    run(corpus, run_dir, "train.zero_stage=2", "train.grad_accum=2", nproc=1)
+    ref_ids, ids = sample_ids(reference[2]), sample_ids(run_dir)
+    assert all(ids[s] == ref_ids[s] for s in range(1, STEPS + 1)), "the global sample sequence changed"
+    ref, got = losses(reference[2]), losses(run_dir)
+    assert all(got[s] == ref[s] for s in range(1, stopped_at + 1))
+    # after the resume: same samples and weights, another reduction order → the same curve within noise
+    assert max(abs(got[s] - ref[s]) for s in range(stopped_at + 1, STEPS + 1)) < 2e-3
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _fails(corpus: Path, run_dir: Path, *overrides: str) -> str:
+    proc = run(corpus, run_dir, *overrides, nproc=1, expect=2)
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_missing_and_corrupt_corpus(corpus, tmp_path):
+    assert "not a corpus" in _fails(tmp_path / "nothing", tmp_path / "r1")
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(corpus, bad)
+    shard = json.loads((bad / "manifest.json").read_text())["splits"]["train"][0]["path"]
+    flip_byte(bad / shard, 100)
+    assert shard in _fails(bad, tmp_path / "r2")
+
+
+def test_config_contradictions_are_named(corpus, tmp_path):
+    msg = _fails(corpus, tmp_path / "r1", "train.global_batch_size=30")
+    assert "global_batch_size" in msg and "30" in msg
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
+    msg = _fails(corpus, tmp_path / "r2", f"train.deepspeed_config={ds_json}")
+    assert "train_micro_batch_size_per_gpu" in msg and "16" in msg and "micro_batch_size" in msg
+
+
+def test_vocab_mismatch_and_resume_with_another_shape(corpus, reference, tmp_path):
+    from transformers import BertConfig, BertForPreTraining
+
+    other = tmp_path / "other_model"
+    BertForPreTraining(BertConfig(vocab_size=999, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)).save_pretrained(other)
+    msg = _fails(corpus, tmp_path / "r1", f"model.init_from={other}")
+    assert "vocab_size 999" in msg
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference[2], resumed)
+    msg = _fails(corpus, resumed, "model.hidden_size=64", f"train.max_steps={STEPS + 4}")
+    assert "cannot resume" in msg and "hidden_size=32" in msg and "hidden_size=64" in msg
