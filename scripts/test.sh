@@ -3,8 +3,8 @@
 # (the SLURM fixture starts and stops its own daemons), runs the whole suite.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/install_system_deps.sh   # SLURM, munge, OpenMPI (mpi4py builds against it), sshd, pdsh
 bash scripts/setup.sh --dev
-bash scripts/install_system_deps.sh
 export PTFT_REQUIRE_SLURM=${PTFT_REQUIRE_SLURM:-1}
 export PTFT_CACHE=${PTFT_CACHE:-$HOME/.cache/ptft}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
