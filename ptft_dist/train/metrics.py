@@ -257,8 +257,9 @@ def _probe_flops(device_type: str, device_index: int | None, dtype: torch.dtype)
     """Measured matmul FLOP/s (~0.3 s): the best of several timed batches of n×n matmuls."""
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     n = 512 if device_type == "cpu" else 4096
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: resumed runs restore it
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
 
     def sync() -> None:
         if device_type == "cuda":

@@ -171,6 +171,8 @@ def pretrain(cfg: Config) -> Path:
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, env.rank, env.world_size)
     metrics = MetricsLogger(run_dir, enabled=env.is_main)
 
+    peak, peak_source = device_peak_flops(device, engine.precision, cfg.train.device_peak_tflops)
+    throughput = Throughput(peak_flops=peak, world_size=env.world_size)
     step = consumed_tokens = 0
     resume_path = ckpt.resolve_resume()
     if resume_path is not None:
@@ -197,8 +199,6 @@ def pretrain(cfg: Config) -> Path:
                 "model_config": bert_cfg.to_dict(), "tokenizer_hash": manifest.tokenizer_hash,
                 "world_size": env.world_size}
 
-    peak, peak_source = device_peak_flops(device, engine.precision, cfg.train.device_peak_tflops)
-    throughput = Throughput(peak_flops=peak, world_size=env.world_size)
     window = Window()
     accum = cfg.train.grad_accum
     batches = train_loader.forever()
