@@ -219,8 +219,10 @@ def test_elastic_two_to_one_rank_continues_the_sequence(corpus, reference, tmp_p
     assert all(ids[s] == ref_ids[s] for s in range(1, STEPS + 1)), "the global sample sequence changed"
     ref, got = losses(reference[2]), losses(run_dir)
     assert all(got[s] == ref[s] for s in range(1, stopped_at + 1))
-    # after the resume: same samples and weights, another reduction order → the same curve within noise
-    assert max(abs(got[s] - ref[s]) for s in range(stopped_at + 1, STEPS + 1)) < 2e-3
+    # after the resume: the same samples, grouped into other micro-batches (other dropout masks, other
+    # per-micro-batch means) → the same curve within noise, far below the step-to-step variation
+    noise = max(abs(ref[s + 1] - ref[s]) for s in range(1, STEPS))
+    assert max(abs(got[s] - ref[s]) for s in range(stopped_at + 1, STEPS + 1)) < min(0.02, noise / 2)
 
 
 # --------------------------------------------------------------------------- bad input
