@@ -267,3 +267,51 @@ def test_vocab_mismatch_and_resume_with_another_shape(corpus, reference, tmp_pat
     shutil.copytree(reference[2], resumed)
     msg = _fails(corpus, resumed, "model.hidden_size=64", f"train.max_steps={STEPS + 4}")
     assert "cannot resume" in msg and "hidden_size=32" in msg and "hidden_size=64" in msg
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_convert_round_trip_matches_the_engine(reference, tmp_path, stage):
+    from transformers import AutoModelForPreTraining, BertForSequenceClassification
+
+    from ptft_dist.convert import probe_batch
+
+    export = tmp_path / "hf"
+    proc = subprocess.run([PY, "-m", "ptft_dist.cli", "convert", str(reference[stage]), "-o", str(export)],
+                          env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((export / "ptft_export.json").read_text())
+    assert report["verified"] and report["step"] == STEPS and report["backend"]["zero_stage"] == stage
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= {p.name for p in export.iterdir()}
+    # the training engine (2 ranks, partitioned under ZeRO-3) computes the reference logits
+    logits = tmp_path / "engine_logits.pt"
+    subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()),
+                    str(ROOT / "tests" / "dist_scripts" / "probe_logits.py"), str(reference[stage]), str(logits)],
+                   env=_env(), check=True, capture_output=True, timeout=300, cwd=ROOT)
+    ref = torch.load(logits)
+    model = AutoModelForPreTraining.from_pretrained(export).eval()
+    with torch.no_grad():
+        out = model(**probe_batch(model.config))
+    assert (out.prediction_logits - ref["mlm"]).abs().max() <= 1e-5
+    assert (out.seq_relationship_logits - ref["nsp"]).abs().max() <= 1e-5
+    _, info = BertForSequenceClassification.from_pretrained(export, num_labels=3, output_loading_info=True)
+    assert [k for k in info["missing_keys"] if not k.startswith("classifier.")] == []
+
+
+def test_convert_bad_checkpoints_leave_no_export(reference, tmp_path):
+    import shutil
+
+    from ptft_dist.convert import ConvertError, convert
+
+    no_latest = tmp_path / "no_latest"
+    shutil.copytree(reference[2], no_latest)
+    (no_latest / "checkpoints" / "latest").unlink()
+    with pytest.raises(ConvertError, match="no 'latest' file"):
+        convert(no_latest / "checkpoints", tmp_path / "out1")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(reference[2], corrupt)
+    victim = next((corrupt / "checkpoints" / f"step_{STEPS}").glob("*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(ConvertError, match="damaged"):
+        convert(corrupt, tmp_path / "out2")
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+    assert not list(tmp_path.glob(".out*"))
