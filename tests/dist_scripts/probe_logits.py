@@ -11,16 +11,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from ptft_dist import dist  # noqa: E402
-from ptft_dist.config import load_config  # noqa: E402
-from ptft_dist.convert import probe_batch  # noqa: E402
-from ptft_dist.data.shards import load_manifest  # noqa: E402
-from ptft_dist.train.checkpoint import CheckpointManager  # noqa: E402
-from ptft_dist.train.engine import build_engine  # noqa: E402
-from ptft_dist.train.model import build_pretrainer  # noqa: E402
-from ptft_dist.train.schedule import lr_lambda  # noqa: E402
+from ptft_dist import dist
+from ptft_dist.config import load_config
+from ptft_dist.convert import probe_batch
+from ptft_dist.data.shards import load_manifest
+from ptft_dist.train.checkpoint import CheckpointManager
+from ptft_dist.train.engine import build_engine
+from ptft_dist.train.model import build_pretrainer
+from ptft_dist.train.schedule import lr_lambda
 
 
 def main() -> None:
