@@ -86,7 +86,7 @@ def sample_ids(run_dir: Path) -> dict[int, list[int]]:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     state = consolidated_state_dict(resolve_checkpoint(run_dir).step_dir)
-    return {k: state[k].clone() for k in state.keys()}
+    return {k: state[k].clone() for k in state}
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
