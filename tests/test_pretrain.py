@@ -164,8 +164,9 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 
 
 def _start_and_wait_for_step(corpus: Path, run_dir: Path, step: int, *overrides: str) -> subprocess.Popen:
-    proc = subprocess.Popen(command(corpus, run_dir, *overrides), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=open(run_dir.parent / f"{run_dir.name}.log", "w"))
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:  # the child keeps its own copy of the fd
+        proc = subprocess.Popen(command(corpus, run_dir, *overrides), env=_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
