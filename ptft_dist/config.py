@@ -205,6 +205,7 @@ class FinetuneConfig:
     text_pair_column: Optional[str] = None
     label_column: str = "label"
     split_seed: int = 13  # used when only a train split is given: fixed-seed 80/10/10
+    max_train_samples: int = 0  # train on a fixed-seed subset of this many examples (0 = all)
     max_seq_len: int = 128
     lora_r: int = 8
     lora_alpha: int = 16

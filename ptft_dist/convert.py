@@ -155,8 +155,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
-def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite: bool = False) -> dict:
-    """Export and verify; returns a report (also written into the export as ptft_export.json)."""
+def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite: bool = False,
+            random_init: bool = False) -> dict:
+    """Export and verify; returns a report (also written into the export as ptft_export.json).
+
+    ``random_init`` exports the same architecture and tokenizer with freshly initialised weights
+    (seed 0): the baseline that shows what pretraining bought."""
     import deepspeed.utils.zero_to_fp32  # noqa: F401 - imported before the memory baseline is taken
     import transformers
     from transformers import AutoModelForPreTraining, BertConfig, BertForPreTraining, BertForSequenceClassification
@@ -179,8 +183,10 @@ def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite:
     baseline_mb = _current_rss_mb()
     config = BertConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
     config.architectures = ["BertForPreTraining"]
+    torch.manual_seed(0)
     model = BertForPreTraining(config)
-    _load_into(model, consolidated_state_dict(source.step_dir))
+    if not random_init:
+        _load_into(model, consolidated_state_dict(source.step_dir))
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -210,6 +216,7 @@ def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite:
             "tokenizer_hash": source.client.get("tokenizer_hash"),
             "corpus": source.client.get("data", {}).get("corpus_fingerprint"),
             "dtype": dtype,
+            "random_init": random_init,
             "backend": _backend_meta(source.step_dir),
             "max_abs_logit_diff": diff,
             "verified": True,

@@ -91,4 +91,4 @@ def test_shipped_presets_load(path):
 
 def test_configuration_docs_are_in_sync():
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
-    assert schema_reference() in doc, "regenerate docs/configuration.md from schema_reference()"
+    assert schema_reference() in doc, "run: python scripts/gen_config_docs.py"

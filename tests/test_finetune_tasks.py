@@ -50,6 +50,15 @@ def test_fixed_seed_split_when_only_train_is_given(tmp_path):
     assert not set(a.splits["train"].texts) & set(a.splits["test"].texts)
 
 
+def test_max_train_samples_takes_a_fixed_subset(tmp_path):
+    _write_tsv(tmp_path / "all.tsv", [(f"s{i}", i % 2) for i in range(300)])
+    cfg = FinetuneConfig(train_file=str(tmp_path / "all.tsv"), validation_file=str(tmp_path / "all.tsv"),
+                         test_file=str(tmp_path / "all.tsv"), max_train_samples=50)
+    a, b = load_task(cfg), load_task(cfg)
+    assert len(a.splits["train"]) == 50 and a.splits["train"].texts == b.splits["train"].texts
+    assert len(a.splits["test"]) == 300
+
+
 def test_regression_labels(tmp_path):
     _write_tsv(tmp_path / "r.tsv", [("a", 0.5), ("b", 3.25), ("c", 1)])
     cfg = FinetuneConfig(train_file=str(tmp_path / "r.tsv"), validation_file=str(tmp_path / "r.tsv"),

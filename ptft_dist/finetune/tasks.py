@@ -120,6 +120,11 @@ def load_task(cfg: FinetuneConfig) -> TaskData:
             idx = np.flatnonzero(np.isin(assign, wanted))
             columns[split] = (where, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
                               [labels[i] for i in idx])
+    if cfg.max_train_samples and len(columns["train"][1]) > cfg.max_train_samples:
+        where, texts, pairs, labels = columns["train"]
+        idx = np.sort(np.random.default_rng(cfg.split_seed).permutation(len(texts))[: cfg.max_train_samples])
+        columns["train"] = (where, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
+                            [labels[i] for i in idx])
     return _encode_labels(columns, cfg)
 
 
