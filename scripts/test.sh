@@ -10,4 +10,5 @@ export PTFT_CACHE=${PTFT_CACHE:-$HOME/.cache/ptft}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
+.venv/bin/python scripts/build_ds_ops.py 2>&1 | grep -v "^\[20" | tail -2
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
