@@ -7,7 +7,7 @@ bash scripts/install_system_deps.sh   # SLURM, munge, OpenMPI (mpi4py builds aga
 bash scripts/setup.sh --dev
 export PTFT_REQUIRE_SLURM=${PTFT_REQUIRE_SLURM:-1}
 export PTFT_CACHE=${PTFT_CACHE:-$HOME/.cache/ptft}
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ptft/torch_extensions}  # kept across clones
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
 .venv/bin/python scripts/build_ds_ops.py 2>&1 | grep -v "^\[20" | tail -2
