@@ -18,7 +18,19 @@ import deepspeed
 import torch
 
 
+def remove_stale_locks() -> None:
+    """A lock left by a killed build makes every later build wait forever. Nothing else may be
+    building while this script runs (it runs first, alone), so any lock here is stale."""
+    from pathlib import Path
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    for lock in root.glob("*/lock"):
+        print(f"build_ds_ops: removing stale build lock {lock}")
+        lock.unlink()
+
+
 def main() -> None:
+    remove_stale_locks()
     t0 = time.time()
     for offload in (False, True):
         model = torch.nn.Linear(8, 8)
