@@ -83,14 +83,17 @@ gpu_count() {
   fi
 }
 
-slurm_gpus_per_node() {  # GPUs per node of the current allocation, or empty
+slurm_gpus_per_node() {  # GPUs per node of the current allocation, or empty (none, or 0)
+  local v=""
   if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
-    echo "$SLURM_GPUS_ON_NODE"
+    v=$SLURM_GPUS_ON_NODE
   elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then
-    local v=${SLURM_GPUS_PER_NODE%%,*}
+    v=${SLURM_GPUS_PER_NODE%%,*}
     v=${v##*:}
-    echo "${v%%(*}"
+    v=${v%%(*}
   fi
+  [[ $v != 0 ]] && echo "$v"
+  return 0
 }
 
 # ------------------------------------------------------------------ arguments

@@ -708,8 +708,9 @@ class StreamingLoader:
         if self.num_workers > 0 and steps > 0:
             from torch.utils.data import DataLoader
 
-            loader = DataLoader(
+            loader = DataLoader(  # a private generator: never draw from the global RNG a resume restores
                 ds, batch_size=None, num_workers=min(self.num_workers, steps), pin_memory=self.pin_memory,
+                generator=torch.Generator().manual_seed(0),
                 prefetch_factor=self.prefetch_factor, persistent_workers=False,
                 multiprocessing_context=self.multiprocessing_context, timeout=self.timeout,
             )
