@@ -1,0 +1,375 @@
+"""The task model: a sequence classifier on any BERT-family HF dir, full or LoRA (PEFT), and its export.
+
+Loading is plain ``AutoModelForSequenceClassification.from_pretrained``: our own ``ptft convert``
+exports (``BertForPreTraining``) and third-party encoders (``BertModel``, e.g. MiniLM) both work;
+the classifier head is new, the encoder weights must all come from the directory.
+
+Export (rank 0, CPU, fp32) never reuses the training module: a fresh fp32 model is built from the
+same directory (so frozen weights are the original fp32 ones even after bf16 training) and the
+trained parameters, gathered in full fp32 from the engine (ZeRO-1/2/3 aware), are loaded into it.
+Layout of an export directory::
+
+    merged:  config.json, model.safetensors, tokenizer files, ptft_finetune.json   (plain HF)
+    adapter: adapter_config.json, adapter_model.safetensors, tokenizer files, ptft_finetune.json
+    both:    merged at the top, the adapter in ``adapter/``
+
+Exports are written into a temporary sibling directory and renamed into place, so a crash never
+leaves a half-written model where a later stage would trust it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ptft_dist.config import FinetuneConfig
+from ptft_dist.errors import UserError
+
+META_FILE = "ptft_finetune.json"
+ADAPTER_DIR = "adapter"
+MODULES_TO_SAVE = ["classifier", "pooler"]  # BertForSequenceClassification: bert.pooler + classifier
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+class FinetuneError(UserError, ValueError):
+    """A model directory, tokenizer or fine-tuning setting that cannot work; the message names it."""
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """The "newly initialized classifier" load report is expected noise here."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():  # transformers 5 deprecation warnings raised from inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def check_model_dir(path: str | Path, what: str = "finetune.model") -> Path:
+    if not str(path):
+        raise FinetuneError(f"{what}: required (a Hugging Face model directory)")
+    p = Path(path)
+    if not p.is_dir():
+        raise FinetuneError(f"{what}: {p}: no such model directory")
+    if not (p / "config.json").is_file():
+        raise FinetuneError(f"{what}: {p}: no config.json (not a Hugging Face model directory)")
+    return p
+
+
+def load_config(model_dir: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except Exception as exc:
+        raise FinetuneError(f"{model_dir}/config.json: cannot load ({type(exc).__name__}: {exc})") from None
+
+
+def load_tokenizer(tok_dir: str | Path, model_config: Any) -> Any:
+    """The directory's fast tokenizer, checked against the model: vocab fits, BERT specials present
+    and added around every input (a tokenizer.json without a post-processor would silently drop
+    [CLS], which the classifier reads)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tok_dir), use_fast=True)
+    except Exception as exc:
+        raise FinetuneError(f"{tok_dir}: cannot load a tokenizer ({type(exc).__name__}: {exc})") from None
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+    if len(tok) > vocab:
+        raise FinetuneError(f"{tok_dir}: the tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab}: "
+                            f"tokenizer and model do not belong together")
+    missing = [n for n in ("pad", "cls", "sep") if getattr(tok, f"{n}_token_id", None) is None]
+    if missing:
+        raise FinetuneError(f"{tok_dir}: the tokenizer has no {'/'.join(missing)} token (a BERT tokenizer needs "
+                            f"[PAD], [CLS] and [SEP])")
+    ids = tok("a")["input_ids"]
+    if ids[0] != tok.cls_token_id or ids[-1] != tok.sep_token_id:
+        raise FinetuneError(f"{tok_dir}: the tokenizer does not add [CLS] ... [SEP] around its input "
+                            f"(tokenizer.json has no BERT post-processor)")
+    return tok
+
+
+def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """Full names of the Linear layers whose last name is in ``names``, outside the modules saved
+    whole (the pooler's ``dense`` is trained fully, not through LoRA)."""
+    wanted = set(names)
+    out = []
+    for full, module in model.named_modules():
+        parts = full.split(".")
+        if (isinstance(module, torch.nn.Linear) and parts[-1] in wanted
+                and not any(p in MODULES_TO_SAVE for p in parts)):
+            out.append(full)
+    if not out:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise FinetuneError(f"finetune.lora_target_modules={list(names)} matches no Linear layer of the model "
+                            f"(Linear layer names: {', '.join(linear)})")
+    return out
+
+
+def build_model(model_dir: str | Path, label_names: Sequence[str], cfg: FinetuneConfig,
+                seed: Optional[int] = None) -> torch.nn.Module:
+    """Sequence classifier (regression: one output) from ``model_dir``, wrapped in LoRA when
+    ``cfg.method == "lora"``. ``seed`` fixes the new head's initialisation (same on every rank and
+    for the fresh export copy)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = check_model_dir(model_dir)
+    config = load_config(model_dir)
+    if getattr(config, "model_type", None) not in ("bert",):
+        raise FinetuneError(f"{model_dir}: model_type {getattr(config, 'model_type', None)!r} is not a BERT-family "
+                            f"encoder (model_type 'bert')")
+    regression = cfg.task_type == "regression"
+    names = [str(n) for n in label_names] if not regression else ["score"]
+    kwargs: dict[str, Any] = dict(num_labels=len(names),
+                                  problem_type="regression" if regression else "single_label_classification",
+                                  id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), output_loading_info=True, **kwargs)
+    except Exception as exc:
+        raise FinetuneError(f"{model_dir}: cannot load as a sequence classifier ({type(exc).__name__}: {exc})") from None
+    model.float()  # fp32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto")
+    encoder_missing = [k for k in info.get("missing_keys", []) if not k.startswith(("classifier.", "bert.pooler."))]
+    if encoder_missing:
+        raise FinetuneError(f"{model_dir}: encoder weights missing from the checkpoint: {sorted(encoder_missing)[:5]} "
+                            f"(is it a BERT encoder export?)")
+    if cfg.method == "lora":
+        model = wrap_lora(model, cfg)
+    return model
+
+
+def wrap_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=lora_targets(model, cfg.lora_target_modules),
+                      modules_to_save=list(MODULES_TO_SAVE))
+    with _quiet_transformers():
+        return get_peft_model(model, lcfg)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions report their full size
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"total": total, "trainable": trainable}
+
+
+# --------------------------------------------------------------------------- gathering (collective)
+
+
+def trainable_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full fp32 values of every trainable parameter, on CPU.
+
+    A collective under DeepSpeed (every rank calls it, in the same order): ZeRO-1/2/3 and bf16
+    parameters come from the fp32 master copy (``safe_get_full_fp32_param``), other ZeRO-3
+    partitions are gathered (``GatheredParameters``). Only ranks with ``keep`` hold the result.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        value: Optional[torch.Tensor] = None
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            value = safe_get_full_fp32_param(p)
+        if value is None and hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                value = p.data.detach().float().cpu().clone()
+        if value is None:
+            value = p.detach()
+        if keep:
+            out[name] = value.detach().float().cpu().clone()
+    return out
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportMeta:
+    """What a later ``evaluate``/``predict`` needs beyond the HF files (``ptft_finetune.json``)."""
+
+    kind: str  # merged | adapter
+    method: str
+    task_type: str
+    label_names: list[str]
+    max_seq_len: int
+    base_model: str
+    extra: dict = field(default_factory=dict)
+
+    def write(self, directory: Path) -> None:
+        (directory / META_FILE).write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> Optional[ExportMeta]:
+        p = directory / META_FILE
+        if not p.is_file():
+            return None
+        try:
+            data = json.loads(p.read_text())
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise FinetuneError(f"{p}: unreadable ({exc})") from None
+
+
+def copy_tokenizer(src: Path, dst: Path, tokenizer: Any = None) -> None:
+    """Tokenizer files byte for byte; ``save_pretrained`` only when the source has none of them."""
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied = True
+    if not copied and tokenizer is not None:
+        tokenizer.save_pretrained(str(dst))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; an existing ``out`` is moved aside first and removed after."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    moved = out.exists()
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+        out.replace(old)
+    try:
+        tmp.replace(out)
+    except OSError:
+        if moved:
+            old.replace(out)  # put the previous export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(model_dir: str | Path, label_names: Sequence[str], cfg: FinetuneConfig,
+                 trained: dict[str, torch.Tensor], out_dir: str | Path, seed: int,
+                 extra: Optional[dict] = None) -> Path:
+    """Write the fine-tuned model (``cfg.export``: merged | adapter | both) to ``out_dir``, atomically.
+
+    ``trained`` is :func:`trainable_state_dict` of the training module (same parameter names).
+    """
+    model_dir = Path(model_dir).resolve()
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = build_model(model_dir, label_names, cfg, seed=seed)
+    names = {n for n, _ in model.named_parameters()}
+    unknown = sorted(set(trained) - names)
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in trained)
+    if unknown or missing:
+        raise RuntimeError(f"trained parameters do not match the export model: unknown {unknown[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in trained.items():
+            params[name].copy_(value)
+    model.eval()
+    regression = cfg.task_type == "regression"
+    names_out = [str(n) for n in label_names] if not regression else ["score"]
+    meta = dict(method=cfg.method, task_type=cfg.task_type, label_names=names_out, max_seq_len=cfg.max_seq_len,
+                base_model=str(model_dir), extra=dict(extra or {}))
+    try:
+        tmp.mkdir(parents=True)
+        lora = cfg.method == "lora"
+        if lora and cfg.export in ("adapter", "both"):
+            adir = tmp if cfg.export == "adapter" else tmp / ADAPTER_DIR
+            adir.mkdir(exist_ok=True)
+            with _quiet_transformers():
+                model.save_pretrained(str(adir), safe_serialization=True)
+            copy_tokenizer(model_dir, adir)
+            ExportMeta(kind="adapter", **meta).write(adir)
+        if not lora or cfg.export in ("merged", "both"):
+            merged = model.merge_and_unload() if lora else model  # fp32, on CPU
+            with _quiet_transformers():
+                merged.save_pretrained(str(tmp), safe_serialization=True)
+            copy_tokenizer(model_dir, tmp)
+            ExportMeta(kind="merged", **meta).write(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------- loading an export
+
+
+@dataclass
+class Exported:
+    model: torch.nn.Module
+    tokenizer: Any
+    label_names: list[str]
+    task_type: str
+    max_seq_len: int
+    kind: str  # merged | adapter
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Exported:
+    """An export directory (merged, adapter, or a plain HF classifier dir) ready for inference."""
+    from transformers import AutoModelForSequenceClassification
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FinetuneError(f"--model: {p}: no such model directory")
+    meta = ExportMeta.read(p)
+    if (p / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        if meta is None:
+            raise FinetuneError(f"{p}: an adapter without {META_FILE} (labels and task type unknown)")
+        acfg = json.loads((p / "adapter_config.json").read_text())
+        base = Path(acfg.get("base_model_name_or_path") or meta.base_model)
+        check_model_dir(base, what=f"{p}/adapter_config.json: base_model_name_or_path")
+        fcfg = FinetuneConfig(method="full", task_type=meta.task_type)  # the base alone; the adapter is added below
+        base_model = build_model(base, meta.label_names, fcfg, seed=0)
+        try:
+            with _quiet_transformers():
+                model = PeftModel.from_pretrained(base_model, str(p))
+        except Exception as exc:
+            raise FinetuneError(f"{p}: cannot load the adapter onto {base} ({type(exc).__name__}: {exc})") from None
+        kind = "adapter"
+        config = base_model.config
+    else:
+        check_model_dir(p, what="--model")
+        try:
+            with _quiet_transformers():
+                model = AutoModelForSequenceClassification.from_pretrained(str(p)).float()
+        except Exception as exc:
+            raise FinetuneError(f"{p}: cannot load as a sequence classifier ({type(exc).__name__}: {exc})") from None
+        kind = "merged"
+        config = model.config
+    task_type = meta.task_type if meta else ("regression" if config.problem_type == "regression" else "classification")
+    labels = meta.label_names if meta else [str(config.id2label[i]) for i in range(config.num_labels)]
+    max_len = meta.max_seq_len if meta else int(getattr(config, "max_position_embeddings", 512))
+    tokenizer = load_tokenizer(p, config)
+    model.to(device).eval()
+    return Exported(model, tokenizer, labels, task_type, max_len, kind)

@@ -1,0 +1,229 @@
+"""Running a classifier over examples: tokenization, dynamic padding, rank-sharded inference with
+exact gathered metrics, and the ``ptft evaluate`` / ``ptft predict`` entry points.
+
+The same functions serve the training loop's per-epoch validation (through the engine, every
+rank a shard, predictions gathered so metrics are computed on exactly the whole split) and a
+single-process evaluation of an exported directory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ptft_dist.config import FinetuneConfig
+from ptft_dist.finetune.metrics import classification_metrics, regression_metrics
+from ptft_dist.finetune.model import FinetuneError, load_exported
+
+METRICS = {"classification": ("accuracy", "macro_f1", "mcc", "loss"),
+           "regression": ("pearson", "spearman", "mse", "loss")}
+LOWER_IS_BETTER = frozenset({"loss", "mse"})
+
+
+# --------------------------------------------------------------------------- encoding and batches
+
+
+@dataclass
+class Encoded:
+    """Token ids per example (no padding: batches are padded to their own longest example)."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+def encode(tokenizer: Any, texts: Sequence[str], pairs: Optional[Sequence[str]], max_seq_len: int) -> Encoded:
+    """[CLS] A [SEP] (B [SEP]), truncated longest-first to ``max_seq_len``."""
+    if not len(texts):
+        return Encoded([], [])
+    enc = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_seq_len,
+                    padding=False, return_attention_mask=False, return_token_type_ids=True)
+    return Encoded(enc["input_ids"], enc["token_type_ids"])
+
+
+def collate(enc: Encoded, idx: Sequence[int], pad_id: int, labels: Optional[np.ndarray] = None,
+            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Examples ``idx`` padded to the batch's longest (rounded up to ``pad_multiple``)."""
+    longest = max(len(enc.input_ids[i]) for i in idx)
+    width = -(-longest // pad_multiple) * pad_multiple
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    types = torch.zeros((len(idx), width), dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        n = len(enc.input_ids[i])
+        ids[row, :n] = torch.as_tensor(enc.input_ids[i])
+        types[row, :n] = torch.as_tensor(enc.token_type_ids[i])
+        mask[row, :n] = 1
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = torch.as_tensor(labels[np.asarray(idx)])
+    return batch
+
+
+def eval_shard(n: int, rank: int, world: int, lengths: Optional[np.ndarray] = None) -> np.ndarray:
+    """This rank's example indices: strided, padded by repetition so every rank has the same count
+    (ZeRO-3 forwards are collectives: uneven batch counts would hang), longest first (less padding)."""
+    per = math.ceil(n / world) if n else 0
+    idx = np.arange(per * world) % max(n, 1)
+    mine = idx[rank::world][:per]
+    if lengths is not None and len(mine):
+        mine = mine[np.argsort(-lengths[mine], kind="stable")]
+    return mine
+
+
+def _is_dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def predict_logits(forward: Callable[[dict], torch.Tensor], enc: Encoded, batch_size: int, pad_id: int,
+                   rank: int = 0, world: int = 1, pad_multiple: int = 1) -> np.ndarray:
+    """Logits of every example, in order, on every rank: each rank runs its shard, then one gather."""
+    mine = eval_shard(len(enc), rank, world, enc.lengths())
+    chunks = []
+    with torch.no_grad():
+        for s in range(0, len(mine), batch_size):
+            logits = forward(collate(enc, mine[s:s + batch_size], pad_id, pad_multiple=pad_multiple))
+            chunks.append(logits.detach().float().cpu().numpy())
+    local = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+    if world > 1 and _is_dist():
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, (mine, local))
+    else:
+        parts = [(mine, local)]
+    width = max((p[1].shape[1] for p in parts if p[1].size), default=1)
+    out = np.zeros((len(enc), width), dtype=np.float32)
+    for idx, logits in parts:
+        if len(idx):
+            out[idx] = logits  # repeated (padding) examples write the same values twice
+    return out
+
+
+def task_metrics(task_type: str, labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """The task's metrics plus ``loss`` (mean cross-entropy / MSE over all examples)."""
+    if task_type == "regression":
+        m = regression_metrics(labels.astype(np.float64), logits.reshape(-1).astype(np.float64))
+        m["loss"] = m["mse"]
+        return m
+    m = classification_metrics(labels, logits)
+    lg = torch.as_tensor(logits, dtype=torch.float64)
+    m["loss"] = float(torch.nn.functional.cross_entropy(lg, torch.as_tensor(labels, dtype=torch.long))) if len(labels) else 0.0
+    return m
+
+
+def is_better(metric: str, value: float, best: Optional[float]) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def check_metric(task_type: str, metric: str) -> None:
+    if metric not in METRICS[task_type]:
+        raise FinetuneError(f"finetune.metric_for_best={metric!r} is not a {task_type} metric "
+                            f"(one of {', '.join(METRICS[task_type])})")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def model_forward(model: torch.nn.Module, device: torch.device) -> Callable[[dict], torch.Tensor]:
+    def forward(batch: dict) -> torch.Tensor:
+        return model(**{k: v.to(device) for k, v in batch.items()}).logits
+
+    return forward
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def map_labels(task_labels: np.ndarray, task_names: Sequence[str], model_names: Sequence[str], where: str) -> np.ndarray:
+    """Task label ids → the model's ids, by name (the task's id order need not be the model's)."""
+    index = {str(n): i for i, n in enumerate(model_names)}
+    unknown = sorted({str(n) for n in task_names} - set(index))
+    if unknown:
+        raise FinetuneError(f"{where}: label(s) {unknown[:5]} are not labels of the model ({list(model_names)})")
+    lut = np.asarray([index[str(n)] for n in task_names], dtype=np.int64)
+    return lut[task_labels]
+
+
+def evaluate_model(model_dir: str | Path, cfg: FinetuneConfig, split: str = "test",
+                   batch_size: Optional[int] = None, device: Optional[torch.device] = None) -> dict:
+    """Metrics of an exported model (merged or adapter dir) on ``split`` of the task in ``cfg``."""
+    from ptft_dist.finetune.tasks import SPLITS, load_task
+
+    if split not in SPLITS:
+        raise FinetuneError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
+    device = device or _device()
+    ex = load_exported(model_dir, device)
+    if ex.task_type != cfg.task_type:
+        raise FinetuneError(f"{model_dir}: a {ex.task_type} model, but finetune.task_type={cfg.task_type}")
+    task = load_task(cfg)
+    data = task.splits[split]
+    labels = data.labels
+    if ex.task_type == "classification":
+        labels = map_labels(labels, task.label_names, ex.label_names, f"{model_dir}")
+    enc = encode(ex.tokenizer, data.texts, data.pairs, min(cfg.max_seq_len, ex.max_seq_len))
+    logits = predict_logits(model_forward(ex.model, device), enc, batch_size or cfg.batch_size,
+                            ex.tokenizer.pad_token_id)
+    out = task_metrics(ex.task_type, labels, logits)
+    out.update(split=split, examples=len(data), model=str(model_dir), kind=ex.kind)
+    return out
+
+
+def _as_pair(item: str | tuple[str, str]) -> tuple[str, Optional[str]]:
+    if isinstance(item, tuple):
+        return str(item[0]), str(item[1])
+    return str(item), None
+
+
+def predict(model_dir: str | Path, texts: Iterable[str | tuple[str, str]], batch_size: int = 32,
+            device: Optional[torch.device] = None) -> Iterator[dict]:
+    """One dict per input, in order: ``label`` and ``probabilities`` (by label name), or ``score``
+    for regression. Inputs are strings or (text, pair) tuples; streamed in batches."""
+    device = device or _device()
+    ex = load_exported(model_dir, device)
+    forward = model_forward(ex.model, device)
+    pad = ex.tokenizer.pad_token_id
+
+    def run(chunk: list[tuple[str, Optional[str]]]) -> Iterator[dict]:
+        enc = Encoded([[]] * len(chunk), [[]] * len(chunk))
+        for paired in (False, True):  # single texts and pairs encoded apart: no empty second segment
+            rows = [i for i, (_, p) in enumerate(chunk) if (p is not None) == paired]
+            if rows:
+                part = encode(ex.tokenizer, [chunk[i][0] for i in rows],
+                              [chunk[i][1] for i in rows] if paired else None, ex.max_seq_len)
+                for j, i in enumerate(rows):
+                    enc.input_ids[i], enc.token_type_ids[i] = part.input_ids[j], part.token_type_ids[j]
+        with torch.no_grad():
+            logits = forward(collate(enc, range(len(enc)), pad)).float().cpu()
+        if ex.task_type == "regression":
+            for v in logits.reshape(-1).tolist():
+                yield {"score": v}
+            return
+        probs = torch.softmax(logits.double(), dim=-1).numpy()
+        for row in probs:
+            yield {"label": ex.label_names[int(row.argmax())],
+                   "probabilities": {n: float(p) for n, p in zip(ex.label_names, row)}}
+
+    chunk: list[tuple[str, Optional[str]]] = []
+    for item in texts:
+        chunk.append(_as_pair(item))
+        if len(chunk) == batch_size:
+            yield from run(chunk)
+            chunk = []
+    if chunk:
+        yield from run(chunk)
