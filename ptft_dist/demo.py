@@ -38,7 +38,7 @@ FULL = Sizes(
     pretrain=["model.preset=mini", "train.max_steps=700", "train.micro_batch_size=32", "optim.lr=1e-3",
               "optim.warmup_steps=70", "train.eval_every=350", "train.eval_batches=20", "train.log_every=25",
               "checkpoint.every=350"],
-    finetune=["finetune.epochs=2", "finetune.max_seq_len=64"],
+    finetune=["finetune.epochs=1", "finetune.max_seq_len=64", "finetune.max_train_samples=4000"],
 )
 QUICK = Sizes(
     prepare=["prepare.tokenizer.vocab_size=2000", "prepare.shard_size_mb=1"],
