@@ -17,10 +17,7 @@ from pathlib import Path
 import pytest
 
 from ptft_dist.dist import encode_argv, free_port
-from tests import slurm_cluster as _sc
 from tests.slurm_cluster import SlurmCluster
-
-slurm_cluster = _sc.slurm_cluster  # session fixture (skips without SLURM unless PTFT_REQUIRE_SLURM=1)
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch.sh")

@@ -9,11 +9,8 @@ import time
 from pathlib import Path
 
 from ptft_dist.data import shards as sh
-from tests import slurm_cluster as _sc
 from tests.test_prepare import corpus_texts
 from tests.text_factory import documents
-
-slurm_cluster = _sc.slurm_cluster
 
 
 def test_prepare_runs_as_dependent_slurm_jobs(slurm_cluster, tmp_path):

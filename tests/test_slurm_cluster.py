@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import slurm_cluster as _sc
 from tests.slurm_cluster import SlurmCluster, free_ports, parse_scontrol
 
 # The session-scoped cluster fixture (skips without SLURM unless PTFT_REQUIRE_SLURM=1, then fails).
-slurm_cluster = _sc.slurm_cluster
 
 pytestmark = pytest.mark.slurm
 

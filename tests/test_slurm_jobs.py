@@ -17,12 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import slurm_cluster as _sc
 from tests.corpus_factory import make_corpus
 from tests.slurm_cluster import SlurmCluster, free_ports
 from tests.test_pretrain import TINY, assert_same_weights, losses, sample_ids
-
-slurm_cluster = _sc.slurm_cluster  # session fixture (skips without SLURM unless PTFT_REQUIRE_SLURM=1)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 
