@@ -45,7 +45,7 @@ QUICK = Sizes(
     pretrain=["model.preset=tiny", "train.max_steps=200", "train.micro_batch_size=16", "optim.lr=3e-3",
               "optim.warmup_steps=20", "train.eval_every=100", "train.eval_batches=5", "train.log_every=20",
               "checkpoint.every=100", "data.max_seq_len=64"],
-    finetune=["finetune.epochs=2", "finetune.max_seq_len=48", "finetune.max_train_samples=2000"],
+    finetune=["finetune.epochs=1", "finetune.max_seq_len=48", "finetune.max_train_samples=1000"],
 )
 
 
