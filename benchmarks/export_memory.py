@@ -9,7 +9,8 @@ size (imports included: torch, transformers and DeepSpeed weigh some hundred MB)
 
 The ZeRO partitions on disk also hold fp32 master weights and Adam moments (~4x the model): a
 conversion that loaded whole rank files at once would need several times the model size; ptft
-consolidates lazily, one tensor at a time. Target: ``peak_rss_over_model_size`` < 2.5.
+consolidates lazily, one tensor at a time. Peak RSS (``ru_maxrss``) includes file-backed pages of
+memory-mapped checkpoint files (reclaimable page cache). Target: ``peak_rss_over_model_size`` < 2.5.
 
     python benchmarks/export_memory.py [--preset medium] [--stages 2,3] [--out export.json]
 """

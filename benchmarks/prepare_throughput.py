@@ -50,12 +50,31 @@ def bench_ptft_tokenize(src: Path, corpus: Path, out: Path, workers: int) -> flo
     out.mkdir(parents=True)
     shutil.copytree(corpus / "tokenizer", out / "tokenizer")
     cfg = PrepareConfig(workers=workers)
-    reader = JsonlReader(str(src.parent), glob_pattern=src.name)
+    t0 = time.perf_counter()
+    # datatrove hands whole files to tasks: one input file would keep all but one worker idle. Cut it
+    # into `workers` parts first (as `ptft prepare` does; counted in the time, like HF's load_dataset).
+    parts = split_jsonl(src, out / "parts", workers)
+    reader = JsonlReader(str(parts), glob_pattern="part-*.jsonl")
     pipeline = [reader, SplitSentences(cfg), EncodeShards(cfg, str(out), str(out / "lists"))]
     ex = QuietLocalExecutor(pipeline, tasks=workers, workers=workers, logging_dir=str(out / "logs"))
-    t0 = time.perf_counter()
     ex.run()
     return time.perf_counter() - t0
+
+
+def split_jsonl(src: Path, out: Path, n: int) -> Path:
+    """``src`` cut at line boundaries into ``n`` files of about equal size: ``out/part-K.jsonl``."""
+    out.mkdir(parents=True)
+    data = src.read_bytes()
+    cuts, start = [], 0
+    for k in range(1, n):
+        end = data.find(b"\n", max(start, len(data) * k // n))
+        end = len(data) if end < 0 else end + 1
+        cuts.append((start, end))
+        start = end
+    cuts.append((start, len(data)))
+    for k, (a, b) in enumerate(cuts):
+        (out / f"part-{k:05d}.jsonl").write_bytes(data[a:b])
+    return out
 
 
 def bench_hf_tokenize(src: Path, corpus: Path, cache: Path, workers: int) -> float:

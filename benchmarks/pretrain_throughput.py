@@ -18,7 +18,8 @@ over wall time between the log record at the end of warm-up and the last one (pt
 ``consumed_tokens`` and ``time`` of metrics.jsonl; HF: ``num_input_tokens_seen`` with
 ``include_num_input_tokens_seen="non_padding"`` and the wall time, at ``on_step_end``).
 ``tokens_per_cpu_s`` divides the same tokens by the CPU time the process tree used in that
-window (sampled from /proc): less sensitive to other users of a shared machine.
+window (sampled from /proc): less sensitive to other users of a shared machine (but OpenMP threads
+that spin while waiting count as busy, so it is a second opinion, not the headline).
 
 MFU uses one FLOP accounting for both (``ptft_dist.train.model.flops_per_token`` of the measured
 batches: matmuls of the encoder, attention, and the MLM head on the predicted tokens) against one

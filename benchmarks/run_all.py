@@ -14,7 +14,7 @@ versions, load average before/after each benchmark) and ``benchmarks/results/lat
 and each benchmark's output to ``benchmarks/results/logs/``. A failing benchmark is recorded
 (exit status, output tail) and the others still run; the exit status is 1 if any failed.
 
-    python benchmarks/run_all.py --quick            # smaller sizes (~15-25 min on 2 busy cores)
+    python benchmarks/run_all.py --quick            # smaller sizes (~6-9 min on 2 shared cores)
     python benchmarks/run_all.py                    # the full sizes
     python benchmarks/run_all.py --only pretrain,resume
 """

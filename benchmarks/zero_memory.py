@@ -11,9 +11,14 @@ the model exists).
 
 Prints one JSON object: a row per configuration (per-rank numbers: the mean over ranks and the
 max), and ``ratio_to_zero0`` of the state bytes and of RSS above baseline. Expected: ZeRO-1 cuts the
-optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters, each ~1/world size. On a
-CPU "offload" moves state between two places in the same RAM: it changes the optimizer
-(DeepSpeedCPUAdam) and where state lives, not how much of it a rank holds.
+optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters, each ~1/world size. In
+fp32 (all CPU runs) ZeRO-1/2/3 keep an fp32 master partition beside the fp32 parameters (so
+ZeRO-1 = 3.5/4 of ZeRO-0 for Adam, ZeRO-3 = 2.5/4), and DeepSpeed 0.19's ZeRO-2 keeps the
+gradients of its partition as views of the whole ``param.grad`` tensors (its compact partition
+buffer is only used when gradients are accumulated in another dtype than the parameters, e.g. bf16
+training): every gradient tensor that overlaps a rank's partition stays alive in full, so in fp32
+ZeRO-2 saves no more than ZeRO-1. On a CPU "offload" moves state between two places in the same
+RAM: it changes the optimizer (DeepSpeedCPUAdam) and adds buffers, it does not save memory.
 
     python benchmarks/zero_memory.py [--preset small] [--configs 0,1,2,3,2o,3o] [--out zero.json]
 """
