@@ -27,63 +27,21 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_synthetic_corpus
+
 from ptft_dist.config import DataConfig
 from ptft_dist.data import shards as sh
 from ptft_dist.data.stream import PretrainingStream, StreamingLoader, pack_batch
 
 VOCAB = 30522
-SPECIAL = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
-
-
-def write_corpus(root: Path, n_shards: int = 4, tokens_per_shard: int = 3_000_000, seed: int = 0) -> Path:
-    """Synthetic corpus: Zipf-distributed token ids, sentences ~ 8..60 tokens, documents ~ 3..60 sentences."""
-    rng = np.random.default_rng(seed)
-    tok_dir = root / sh.TOKENIZER_DIR
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    vocab = [f"[unused{i}]" for i in range(VOCAB)]
-    for name, i in SPECIAL.items():
-        vocab[i] = f"[{name.upper()}]"
-    for i in range(1000, VOCAB):
-        vocab[i] = (f"##w{i}" if i % 5 == 0 else f"w{i}")
-    (tok_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (tok_dir / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
-    infos = []
-    (root / "train").mkdir(parents=True, exist_ok=True)
-    for s in range(n_shards):
-        n_sent = tokens_per_shard // 30
-        sent_len = np.clip(rng.normal(28, 12, n_sent), 6, 60).astype(np.int64)
-        doc_sizes = []
-        left = n_sent
-        while left > 0:
-            k = int(min(left, rng.integers(3, 60)))
-            doc_sizes.append(k)
-            left -= k
-        doc_off = np.concatenate([[0], np.cumsum(doc_sizes)])
-        sent_off = np.concatenate([[0], np.cumsum(sent_len)])
-        z = rng.zipf(1.3, int(sent_off[-1]))
-        tokens = (1000 + (z - 1) % (VOCAB - 1000)).astype(np.int64)
-        data = sh.ShardData(doc_off, sent_off, np.arange(len(doc_sizes), dtype=np.uint64) + (s << 32), tokens)
-        blob = sh.encode_shard(arrays=data, vocab_size=VOCAB)
-        rel = f"train/shard-{s:05d}.bin"
-        (root / rel).write_bytes(blob)
-        import hashlib
-
-        infos.append(sh.ShardInfo(rel, len(blob), hashlib.sha256(blob).hexdigest(), len(doc_sizes), n_sent,
-                                  int(sent_off[-1])))
-    manifest = sh.Manifest(
-        format_version=sh.FORMAT_VERSION, tokenizer_hash="bench", vocab_size=VOCAB,
-        token_dtype=sh.token_dtype(VOCAB).name, special_tokens=dict(SPECIAL),
-        splits={"train": [asdict(i) for i in infos], "validation": []}, created_by="benchmarks/loader_throughput.py",
-    )
-    sh.write_manifest(root, manifest)
-    return root
 
 
 def hf_tokenizer(root: Path):
@@ -180,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="ptft-loader-bench-") as tmp:
-        root = write_corpus(Path(tmp) / "corpus", tokens_per_shard=args.tokens_per_shard)
+        root = write_synthetic_corpus(Path(tmp) / "corpus", tokens_per_shard=args.tokens_per_shard, vocab_size=VOCAB)
         results = {}
         for L in (int(x) for x in args.seq_lens.split(",")):
             results[str(L)] = bench_seq_len(root, L, args.batch, args.seconds, Path(tmp) / "cache")
