@@ -9,6 +9,7 @@ compared with the checkpoint's on a probe batch.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -104,23 +105,34 @@ class _Materialising(dict):
 
 
 def _load_into(model: torch.nn.Module, state: dict) -> None:
-    """Copy weights tensor by tensor; tied ones (decoder = word embeddings) may be present or not."""
-    targets = model.state_dict(keep_vars=True)
+    """Put each checkpoint tensor into a model built on the meta device, without copying it.
+
+    The model holds no memory of its own until a tensor is assigned, so the peak is one copy of
+    the weights (plus DeepSpeed's flat partitions while it consolidates). Tied weights (decoder =
+    word embeddings) may be present in the checkpoint or not; ``tie_weights`` links them."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(model.named_buffers())
     tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-    missing = [k for k in targets if k not in state and k not in tied]
+    missing = [k for k in targets if k not in state and k not in tied and targets[k].is_meta]
     if missing:
         raise ConvertError(f"checkpoint lacks model weights: {', '.join(missing[:5])}")
     unexpected = [k for k in state if k not in targets]
     if unexpected:
         raise ConvertError(f"checkpoint has weights this BERT does not: {', '.join(list(unexpected)[:5])}")
-    with torch.no_grad():
-        for k in list(state.keys()):
-            value = state[k]
-            if tuple(value.shape) != tuple(targets[k].shape):
-                raise ConvertError(f"weight {k}: checkpoint shape {tuple(value.shape)}, model {tuple(targets[k].shape)}")
-            targets[k].copy_(value)
-            del value
+    for k in list(state.keys()):
+        if k in tied and not targets[k].is_meta:
+            continue
+        value = state[k]
+        if tuple(value.shape) != tuple(targets[k].shape):
+            raise ConvertError(f"weight {k}: checkpoint shape {tuple(value.shape)}, model {tuple(targets[k].shape)}")
+        set_module_tensor_to_device(model, k, "cpu", value=value)
+        del value
     model.tie_weights()
+    still_empty = [k for k, t in model.state_dict().items() if t.is_meta]
+    if still_empty:
+        raise ConvertError(f"checkpoint lacks model weights: {', '.join(still_empty[:5])}")
 
 
 def probe_batch(config, n: int = 4, seq: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -134,15 +146,23 @@ def probe_batch(config, n: int = 4, seq: int = 32, seed: int = 0) -> dict[str, t
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, batch: dict) -> float:
-    a.eval()
-    b.eval()
+def _logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
     with torch.no_grad():
-        oa, ob = a(**batch), b(**batch)
+        out = model(**batch)
+    return out.prediction_logits.float(), out.seq_relationship_logits.float()
+
+
+def _max_diff(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], batch: dict) -> float:
     mask = batch["attention_mask"].bool()
-    mlm = (oa.prediction_logits[mask] - ob.prediction_logits[mask]).abs().max().item()
-    nsp = (oa.seq_relationship_logits - ob.seq_relationship_logits).abs().max().item()
+    mlm = (a[0][mask] - b[0][mask]).abs().max().item()
+    nsp = (a[1] - b[1]).abs().max().item()
     return max(mlm, nsp)
+
+
+def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, batch: dict) -> float:
+    """Largest MLM (unpadded positions) or NSP logit difference between two pretraining models."""
+    return _max_diff(_logits(a, batch), _logits(b, batch), batch)
 
 
 def _current_rss_mb() -> float:
@@ -184,30 +204,43 @@ def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite:
     config = BertConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
     config.architectures = ["BertForPreTraining"]
     torch.manual_seed(0)
-    model = BertForPreTraining(config)
-    if not random_init:
+    if random_init:
+        model = BertForPreTraining(config)
+    else:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = BertForPreTraining(config)
         _load_into(model, consolidated_state_dict(source.step_dir))
+        gc.collect()  # DeepSpeed's flat partitions are garbage once every tensor is materialised
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    # reference logits now, so the checkpoint model is gone before the export is reloaded:
+    # peak memory is then two copies of the weights (model + serialised bytes), never three
+    probe = probe_batch(config)
+    reference = _logits(model, probe)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         export = model if dtype == "fp32" else model.to(torch.bfloat16)
         export.save_pretrained(str(tmp), safe_serialization=True)
+        del model, export
+        gc.collect()
         for f in tok_dir.iterdir():  # the corpus tokenizer, byte for byte (vocab.txt included)
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
         # verification with plain transformers, no custom code
         reloaded = AutoModelForPreTraining.from_pretrained(str(tmp), torch_dtype=torch.float32)
-        reference = model.float()
-        diff = max_logit_diff(reference, reloaded, probe_batch(config))
+        diff = _max_diff(reference, _logits(reloaded, probe), probe)
+        del reloaded
+        gc.collect()
         if dtype == "fp32" and diff > 1e-5:  # bf16 exports are rounded on purpose: reported, not checked
             raise ConvertError(f"verification failed: max |logit difference| {diff:.2e} > 1e-05")
         cls_model, info = BertForSequenceClassification.from_pretrained(str(tmp), num_labels=2, output_loading_info=True)
         encoder_missing = [k for k in info["missing_keys"] if not k.startswith("classifier.")]
         if encoder_missing:
             raise ConvertError(f"export does not load into BertForSequenceClassification: missing {encoder_missing[:5]}")
-        del cls_model, reloaded
+        del cls_model
         report = {
             "source": str(source.step_dir.resolve()),
             "run_dir": str(source.run_dir.resolve()) if source.run_dir else None,
