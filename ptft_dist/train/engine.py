@@ -313,6 +313,29 @@ def _ensure_process_group(world_size: int, device: torch.device) -> None:
         if not initialized:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        release_shm_names()
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def release_shm_names() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment once every rank has mapped it.
+
+    DeepSpeed's shm all-reduce (ops/csrc/cpu/comm/shm.cpp) creates a 67 MB /dev/shm segment per
+    rank at init and never unlinks it: every CPU run leaks world_size x 67 MB of RAM until reboot
+    (a test suite, gigabytes). Each rank maps all its peers' segments inside init; after a barrier
+    the names are unused, and the memory is freed when the last process holding a mapping exits."""
+    if not SHM_DIR.is_dir():
+        return
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    with contextlib.suppress(FileNotFoundError):
+        (SHM_DIR / name).unlink()
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
