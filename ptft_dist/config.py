@@ -213,7 +213,10 @@ class FinetuneConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
     epochs: int = 3
     lr: float = 2e-5
+    lora_lr: float = 0.0  # peak lr when method=lora (0 = use lr); adapters want ~10x a full fine-tune's
+    warmup_ratio: float = 0.06  # linear warmup over this share of the optimizer steps, then linear decay
     batch_size: int = 32
+    group_by_length: bool = True  # batch train examples of similar length (less padding; order stays seeded)
     metric_for_best: str = "accuracy"
     early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
     output_dir: str = "runs/finetune"

@@ -107,7 +107,8 @@ class Demo:
         for name, model, method, lr in runs:
             out_dir = o / "finetune" / name
             self.sh(name, self.ptft("finetune", "-c", str(ROOT / "configs/finetune/rotten_tomatoes.yaml"),
-                                    f"finetune.model={model}", f"finetune.method={method}", f"finetune.lr={lr}",
+                                    f"finetune.model={model}", f"finetune.method={method}",
+                                    f"finetune.{'lora_lr' if method == 'lora' else 'lr'}={lr}",
                                     f"finetune.output_dir={out_dir}", *task),
                     lambda out_dir=out_dir: _finetune_metrics(out_dir))
         self.sh("report", self.ptft("report", str(o / "pretrain")))

@@ -65,16 +65,14 @@ from ptft_dist.train.schedule import lr_lambda
 
 RESULTS = "results.json"
 BEST = "best"
-WARMUP_RATIO = 0.06  # of the optimizer steps (RoBERTa / HF GLUE recipes)
 
 
 # --------------------------------------------------------------------------- settings
 
 
 def effective_lr(ft: FinetuneConfig) -> float:
-    """``finetune.lora_lr`` for LoRA when the schema has it and it is set, else ``finetune.lr``."""
-    lora_lr = getattr(ft, "lora_lr", None)
-    return float(lora_lr) if ft.method == "lora" and lora_lr else float(ft.lr)
+    """``finetune.lora_lr`` for LoRA when it is set, else ``finetune.lr``."""
+    return float(ft.lora_lr) if ft.method == "lora" and ft.lora_lr else float(ft.lr)
 
 
 def check_settings(cfg: Config) -> None:
@@ -88,6 +86,10 @@ def check_settings(cfg: Config) -> None:
             raise FinetuneError(f"finetune.{key} must be >= 1, got {getattr(ft, key)}")
     if ft.method == "lora" and ft.lora_r < 1:
         raise FinetuneError(f"finetune.lora_r must be >= 1, got {ft.lora_r}")
+    if not 0 <= ft.warmup_ratio < 1:
+        raise FinetuneError(f"finetune.warmup_ratio must be in [0, 1), got {ft.warmup_ratio}")
+    if ft.lora_lr < 0:
+        raise FinetuneError(f"finetune.lora_lr must be >= 0 (0 = use finetune.lr), got {ft.lora_lr}")
     if not effective_lr(ft) > 0:
         raise FinetuneError(f"finetune.lr must be > 0, got {effective_lr(ft)}")
     check_metric(ft.task_type, ft.metric_for_best)
@@ -95,9 +97,9 @@ def check_settings(cfg: Config) -> None:
 
 def engine_configs(cfg: Config, max_steps: int) -> tuple[TrainConfig, OptimConfig]:
     """The pretraining engine's sections with the fine-tuning values mapped in: per-rank micro
-    batch, peak lr, linear schedule with 6% warmup over ``max_steps``."""
+    batch, peak lr, linear schedule with ``warmup_ratio`` warmup over ``max_steps``."""
     ft = cfg.finetune
-    warmup_ratio = float(getattr(ft, "warmup_ratio", WARMUP_RATIO))
+    warmup_ratio = float(ft.warmup_ratio)
     train = dataclasses.replace(cfg.train, micro_batch_size=ft.batch_size, max_steps=max_steps)
     optim = dataclasses.replace(cfg.optim, lr=effective_lr(ft), schedule="linear",
                                 warmup_steps=min(max_steps, round(warmup_ratio * max_steps)))
@@ -163,7 +165,7 @@ def prepare(cfg: Config) -> Prepared:
     check_settings(cfg)
     model_dir = check_model_dir(ft.model)
     task = load_task(ft)
-    task.splits["train"] = subsample(task.splits["train"], int(getattr(ft, "max_train_samples", 0) or 0),
+    task.splits["train"] = subsample(task.splits["train"], ft.max_train_samples,
                                      cfg.train.seed)
     model_config = load_config(model_dir)
     max_pos = int(getattr(model_config, "max_position_embeddings", 512))
@@ -250,7 +252,7 @@ def finetune(cfg: Config) -> dict:
     pad_id = int(prep.tokenizer.pad_token_id)
     pad_multiple = 8 if engine.device.type == "cuda" else 1
     global_batch = mb * world * engine.grad_accum
-    lengths = enc["train"].lengths() if getattr(ft, "group_by_length", True) else None
+    lengths = enc["train"].lengths() if ft.group_by_length else None
     _say(main, f"{ft.method} fine-tuning of {prep.model_dir} on {n_train} examples "
                f"({'regression' if ft.task_type == 'regression' else f'{task.num_labels} labels'}), "
                f"{params['trainable'] / 1e6:.3g}M of {params['total'] / 1e6:.3g}M parameters trained, {world} rank(s), "
