@@ -178,9 +178,22 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may also follow options
+    (``ptft finetune -c X --method lora finetune.epochs=2``): argparse alone stops the positional
+    list at the first option and rejects the rest."""
+    args, extra = parser.parse_known_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    args = parse_command_line(parser, argv)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

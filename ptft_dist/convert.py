@@ -181,7 +181,10 @@ def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite:
 
     ``random_init`` exports the same architecture and tokenizer with freshly initialised weights
     (seed 0): the baseline that shows what pretraining bought."""
-    import deepspeed.utils.zero_to_fp32  # noqa: F401 - imported before the memory baseline is taken
+    # everything imported before the memory baseline is taken, so the report measures the weights
+    import accelerate.utils  # noqa: F401
+    import deepspeed.utils.zero_to_fp32  # noqa: F401
+    import safetensors.torch  # noqa: F401
     import transformers
     from transformers import AutoModelForPreTraining, BertConfig, BertForPreTraining, BertForSequenceClassification
 

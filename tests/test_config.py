@@ -92,3 +92,16 @@ def test_shipped_presets_load(path):
 def test_configuration_docs_are_in_sync():
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     assert schema_reference() in doc, "run: python scripts/gen_config_docs.py"
+
+
+def test_cli_overrides_may_follow_options_and_launcher_args_are_dropped():
+    import pytest as _pytest
+
+    from ptft_dist.cli import build_parser, parse_command_line
+
+    args = parse_command_line(build_parser(), ["finetune", "-c", "x.yaml", "finetune.epochs=2", "--method", "lora",
+                                               "--local_rank=1", "finetune.lr=3e-4", "train.seed=7"])
+    assert args.method == "lora"
+    assert args.overrides == ["finetune.epochs=2", "finetune.lr=3e-4", "train.seed=7"]
+    with _pytest.raises(SystemExit):  # a stray word that is neither an option nor key=value
+        parse_command_line(build_parser(), ["finetune", "-c", "x.yaml", "a.b=1", "--method", "lora", "oops"])

@@ -116,10 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry with ``ptft``'s error contract (one line, exit 2 for a UserError)."""
-    from ptft_dist.cli import _strip_launcher_args
+    from ptft_dist.cli import parse_command_line
     from ptft_dist.errors import UserError
 
-    args = build_parser().parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    args = parse_command_line(build_parser(), argv)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
