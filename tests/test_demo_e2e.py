@@ -35,10 +35,10 @@ def test_quick_demo_end_to_end(tmp_path):
     from ptft_dist.train.checkpoint import CheckpointManager
 
     latest = (out / "pretrain" / "checkpoints" / "latest").read_text().strip()
-    assert CheckpointManager.verify(out / "pretrain" / "checkpoints" / latest)["client"]["step"] == 200
-    # at quick size the model gets to the unigram level and its held-out loss keeps falling
+    assert CheckpointManager.verify(out / "pretrain" / "checkpoints" / latest)["client"]["step"] == 300
+    # even at quick size the model leaves the unigram phase, and its held-out loss keeps falling
     p = stages["pretrain"]["metrics"]
-    assert p["eval_mlm_acc"] >= 0.9 * p["unigram_baseline_acc"]
+    assert p["eval_mlm_acc"] >= 1.5 * p["unigram_baseline_acc"]
     evals = [json.loads(x) for x in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["split"] == "eval"]
     assert len(evals) == 2 and evals[1]["mlm_loss"] < evals[0]["mlm_loss"]
@@ -53,7 +53,9 @@ def test_quick_demo_end_to_end(tmp_path):
     for name in ("finetune-full", "finetune-lora", "finetune-random-init"):
         results = json.loads((out / "finetune" / name / "results.json").read_text())
         assert {"accuracy", "macro_f1", "mcc"} <= set(results["test"]), name
-    # (Learning itself is asserted where it is not a matter of budget: tests/test_finetune.py on a
-    # separable task; the full-size demo checks test accuracy against the random-init baseline.)
+        assert results["task"]["examples"]["test"] > 1000, name
+        # the majority class is 0.504; full fine-tunes measured ~0.69, LoRA on this weak tiny model ~0.54
+        assert results["test"]["accuracy"] > (0.6 if name != "finetune-lora" else 0.5), (name, results["test"])
+    # (That pretraining beats random initialisation is a matter of budget: the full-size demo checks it.)
     assert (out / "pretrain" / "report" / "report.md").exists()
     assert "| pretrain |" in (out / "summary.md").read_text()
