@@ -254,9 +254,11 @@ def gpu_peak_tflops(name: str, dtype: torch.dtype, tf32: bool = False) -> float 
 
 @cache
 def _probe_flops(device_type: str, device_index: int | None, dtype: torch.dtype) -> float:
-    """Measured matmul FLOP/s (~0.3 s): the best of several timed batches of n×n matmuls."""
+    """Measured matmul FLOP/s: the best of several timed batches of n×n matmuls over ~0.3 s (GPU)
+    or ~1 s (CPU: data-loader workers and the other ranks start up meanwhile, so a short probe can
+    land in a busy moment and read low; the best of a longer window does not)."""
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
-    n = 512 if device_type == "cpu" else 4096
+    n = 1024 if device_type == "cpu" else 4096
     g = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: resumed runs restore it
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
@@ -267,7 +269,7 @@ def _probe_flops(device_type: str, device_index: int | None, dtype: torch.dtype)
 
     a @ b  # warm up (thread pool, kernels)
     sync()
-    best, reps, deadline = 0.0, 1, time.perf_counter() + 0.3
+    best, reps, deadline = 0.0, 1, time.perf_counter() + (1.0 if device_type == "cpu" else 0.3)
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -287,7 +289,7 @@ def device_peak_flops(
 
     Order: the config's ``train.device_peak_tflops``; for a GPU the data-sheet table (dense, no
     sparsity; TF32 rate for fp32 when torch allows TF32 matmuls); otherwise a short matmul probe
-    (~0.3 s, cached per process) -- a measured rate, so MFU against it reads high.
+    (~1 s on CPU, cached per process) -- a measured rate, so MFU against it reads high.
     """
     if override_tflops:
         return float(override_tflops) * 1e12, "config"
