@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-EXIT_USAGE = 2
-
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     out = list(args.overrides)
@@ -100,31 +98,12 @@ def add_parsers(sub: argparse._SubParsersAction, add: AddFn) -> None:
     p.add_argument("--batch-size", type=int, default=32)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptft")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
-
-    add_parsers(sub, add)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry with ``ptft``'s error contract (one line, exit 2 for a UserError)."""
-    from ptft_dist.cli import parse_command_line
-    from ptft_dist.errors import UserError
+    """Stand-alone entry (``python -m ptft_dist.finetune.cli_commands``): the ``ptft`` CLI itself,
+    whose parser already holds these commands, with its error contract."""
+    from ptft_dist.cli import main as ptft_main
 
-    args = parse_command_line(build_parser(), argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"ptft: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    return ptft_main(argv)
 
 
 if __name__ == "__main__":
