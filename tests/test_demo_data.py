@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ptft_dist.data import demo_data
-from ptft_dist.data.demo_data import DemoDataError, fetch_demo_data
+from ptft_dist.demo import data as demo_data
+from ptft_dist.demo.data import DemoDataError, fetch_demo_data
 
 N_ARTICLES = 3788  # 3,824 CSV rows, 36 with an empty body
 RT_SPLITS = {"train": 8454, "validation": 1056, "test": 1056}

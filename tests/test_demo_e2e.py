@@ -28,11 +28,11 @@ def test_quick_demo_end_to_end(tmp_path):
     stages = {s["name"]: s for s in json.loads((out / "summary.json").read_text())}
     assert list(stages)[:5] == ["demo-data", "prepare", "verify", "pretrain", "convert"]
     # corpus verified (the verify stage ran and passed), and really holds what prepare reported
-    from ptft_dist.data.shards import verify_corpus
+    from ptft_dist.corpus.format import verify_corpus
 
     assert verify_corpus(out / "corpus") == []
     # checkpoint resumable: latest names a complete checkpoint the manager accepts
-    from ptft_dist.train.checkpoint import CheckpointManager
+    from ptft_dist.checkpoint.manager import CheckpointManager
 
     latest = (out / "pretrain" / "checkpoints" / "latest").read_text().strip()
     assert CheckpointManager.verify(out / "pretrain" / "checkpoints" / latest)["client"]["step"] == 300

@@ -67,7 +67,7 @@ def tiny_model(out: Path, tok_dir: Path, vocab_size: int, arch: str = "pretraini
 def assets(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from ptft_dist.data.tokenizer import train_wordpiece
+    from ptft_dist.corpus.tokenizer import train_wordpiece
 
     root = tmp_path_factory.mktemp("ft")
     write_tsv(root / "train.tsv", N_TRAIN, 1)
@@ -112,7 +112,7 @@ def _port() -> int:
 
 def run_finetune(config: Path, *overrides: str, nproc: int = 1, launcher: str = "torchrun") -> dict:
     """``ptft finetune`` in a subprocess; returns results.json."""
-    module = ["-m", "ptft_dist.finetune.cli_commands", "finetune", "--config", str(config), *overrides]
+    module = ["-m", "ptft_dist.cli", "finetune", "--config", str(config), *overrides]
     if nproc == 1:
         cmd = [sys.executable, *module]
     elif launcher == "torchrun":
@@ -164,8 +164,8 @@ def test_full_finetune_learns_and_writes_a_complete_run(full_run, assets):
 
 
 def test_lora_learns_and_merged_equals_adapter_plus_base(lora_run, assets):
+    from ptft_dist.finetune.evaluate import collate, encode
     from ptft_dist.finetune.model import load_exported
-    from ptft_dist.finetune.predict import collate, encode
 
     r = lora_run
     assert r["validation"]["accuracy"] >= 0.9 and r["test"]["accuracy"] >= 0.9
@@ -201,7 +201,7 @@ def test_two_rank_zero2_matches_single_process(full_run, assets):
 def test_zero3_two_rank_lora_adapter_saved_and_reloadable(assets):
     from safetensors.torch import load_file
 
-    from ptft_dist.finetune.predict import evaluate_model
+    from ptft_dist.finetune.evaluate import evaluate_model
 
     cfg_path = write_config(assets, "lora3", method="lora", lr=5.0e-3, export="adapter", epochs=1, batch_size=8)
     r = run_finetune(cfg_path, "train.zero_stage=3", nproc=2, launcher="deepspeed")
@@ -223,8 +223,8 @@ def test_zero3_two_rank_lora_adapter_saved_and_reloadable(assets):
 
 
 def test_evaluate_and_predict_on_an_export(full_run, assets, monkeypatch, capsys):
-    from ptft_dist.finetune import cli_commands
-    from ptft_dist.finetune.predict import evaluate_model, predict
+    from ptft_dist import cli as cli_commands
+    from ptft_dist.finetune.evaluate import evaluate_model, predict
 
     best = assets / "full" / "best"
     cfg = load_config(assets / "full.yaml").finetune
@@ -254,7 +254,7 @@ def test_evaluate_and_predict_on_an_export(full_run, assets, monkeypatch, capsys
 def test_pairs_are_encoded_as_two_segments(assets):
     from transformers import AutoTokenizer
 
-    from ptft_dist.finetune.predict import collate, encode
+    from ptft_dist.finetune.evaluate import collate, encode
 
     tok = AutoTokenizer.from_pretrained(str(assets / "model"))
     enc = encode(tok, ["the movie", "a"], ["was great", "b c"], 8)
@@ -265,7 +265,7 @@ def test_pairs_are_encoded_as_two_segments(assets):
 
 
 def test_train_shard_is_distributed_sampler_like():
-    from ptft_dist.finetune.train import train_shard
+    from ptft_dist.finetune.loop import train_shard
 
     one = train_shard(37, 0, 1, seed=3, epoch=1)
     assert sorted(one.tolist()) == list(range(37))
@@ -278,7 +278,7 @@ def test_train_shard_is_distributed_sampler_like():
 
 
 def test_length_grouping_keeps_global_batches_and_cuts_padding():
-    from ptft_dist.finetune.train import train_shard
+    from ptft_dist.finetune.loop import train_shard
 
     lengths = np.random.default_rng(0).integers(3, 64, size=330)
     one = train_shard(330, 0, 1, seed=1, epoch=0, lengths=lengths, global_batch=15)
@@ -321,7 +321,7 @@ def test_bertmodel_dir_loads_with_its_encoder_weights(assets, tmp_path):
 def test_bad_input_fails_early_with_one_line(case, assets, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from ptft_dist.finetune.cli_commands import main
+    from ptft_dist.cli import main
 
     over: dict = {}
     expect = ""
@@ -352,8 +352,8 @@ def test_bad_input_fails_early_with_one_line(case, assets, tmp_path, capsys):
 
 
 def test_user_errors_are_user_errors(assets, tmp_path):
+    from ptft_dist.finetune.evaluate import evaluate_model
     from ptft_dist.finetune.model import load_exported
-    from ptft_dist.finetune.predict import evaluate_model
 
     with pytest.raises(UserError, match="no such model directory"):
         load_exported(tmp_path / "missing")

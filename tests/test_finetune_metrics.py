@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from ptft_dist.finetune.metrics import classification_metrics, confusion_matrix, matthews_corrcoef, regression_metrics
+from ptft_dist.finetune.scores import classification_metrics, confusion_matrix, matthews_corrcoef, regression_metrics
 
 
 def test_binary_metrics_by_hand():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ptft_dist.config import FinetuneConfig
-from ptft_dist.data.inputs import InputError
+from ptft_dist.corpus.inputs import InputError
 from ptft_dist.finetune.tasks import load_task
 
 

@@ -126,7 +126,7 @@ def test_dry_run_deepspeed(hostfiles):
         f"{PY} -m deepspeed.launcher.runner --hostfile {hostfiles['two']} --include h1@h2 --master_addr 10.0.0.1 "
         f"--no_local_rank --module {PROG_TAIL[3:]}"
     )
-    assert f"would first run: {PY} {REPO}/ptft_dist/dist.py --write-deepspeed-env .deepspeed_env" in proc.stderr
+    assert f"would first run: {PY} {REPO}/ptft_dist/dist/__main__.py --write-deepspeed-env .deepspeed_env" in proc.stderr
 
 
 def test_dry_run_deepspeed_openmpi(hostfiles):
@@ -145,7 +145,7 @@ def test_dry_run_deepspeed_slurm_generates_hostfile(tmp_path):
     # deepspeed's slurm runner runs `python -u SCRIPT` (no -m): the program goes through the shim
     assert proc.stdout.strip() == (
         f"{PY} -m deepspeed.launcher.runner --hostfile {tmp_path}/ptft-hostfile-7 --launcher slurm --force_multi "
-        f"--no_ssh_check --master_addr n1 --no_local_rank {REPO}/ptft_dist/dist.py --exec-b64 "
+        f"--no_ssh_check --master_addr n1 --no_local_rank {REPO}/ptft_dist/dist/__main__.py --exec-b64 "
         f"{encode_argv(['-m', 'ptft_dist.cli', *PROG[1:]])}"
     )
     assert "n1 slots=1\nn2 slots=1" in proc.stderr

@@ -1,4 +1,4 @@
-"""Metrics (ptft_dist/train/metrics.py): TensorBoard/JSONL round trip, resume, throughput/MFU, peaks, progress."""
+"""Metrics (ptft_dist/metrics/throughput.py): TensorBoard/JSONL round trip, resume, throughput/MFU, peaks, progress."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ptft_dist.train import metrics as MX
+from ptft_dist.metrics import throughput as MX
 
 
 def read_scalars(tb_dir, tag):

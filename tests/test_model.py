@@ -1,4 +1,4 @@
-"""The pretraining model (ptft_dist/train/model.py): exactness of the sparse head and packing, export keys, FLOPs."""
+"""The pretraining model (ptft_dist/pretrain/model.py): exactness of the sparse head and packing, export keys, FLOPs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AttentionInterface, BertForPreTraining
 
 from ptft_dist.config import ModelConfig
-from ptft_dist.train import model as M
+from ptft_dist.pretrain import model as M
 
 VOCAB = 101
 SMALL = {"preset": "tiny", "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from ptft_dist.config import PIIConfig
-from ptft_dist.data.pii import PLACEHOLDERS, scrub_pii
+from ptft_dist.corpus.pii import PLACEHOLDERS, scrub_pii
 
 CFG = PIIConfig()
 

@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from ptft_dist.cli import main
-from ptft_dist.data import shards as sh
+from ptft_dist.corpus import format as sh
 from tests.text_factory import document, documents
 
 FAST = ["prepare.workers=1", "prepare.tokenizer.vocab_size=600", "prepare.validation_fraction=0.05"]
@@ -137,7 +137,7 @@ def test_manifest_and_verify(corpus, capsys):
 
 def test_split_is_a_pure_function_of_the_document(corpus):
     from ptft_dist.config import PrepareConfig
-    from ptft_dist.data.prepare_steps import is_validation
+    from ptft_dist.corpus.steps import is_validation
 
     cfg = PrepareConfig(validation_fraction=0.1)
     val = sh.load_manifest(corpus).totals("validation")["documents"]
@@ -344,7 +344,7 @@ def test_cli_entry_point_reports_one_line_and_exit_code(tmp_path):
 
 def test_big_jsonl_is_split_across_tasks_exactly_once(tmp_path):
     from ptft_dist.config import PrepareConfig
-    from ptft_dist.data.inputs import ReadCounters, assign_sources, read_source, resolve_sources
+    from ptft_dist.corpus.inputs import ReadCounters, assign_sources, read_source, resolve_sources
 
     lines = [json.dumps({"text": f"document {i} " + "x" * (i % 97)}) for i in range(5000)]
     path = tmp_path / "big.jsonl"
@@ -356,7 +356,7 @@ def test_big_jsonl_is_split_across_tasks_exactly_once(tmp_path):
         seen = [t for rank_parts in parts for p in rank_parts for t in read_source(p, cfg, ReadCounters())]
         assert sorted(seen) == sorted(json.loads(x)["text"] for x in lines)
     # small min part: many parts, every line boundary case (a part starting exactly at a line start)
-    from ptft_dist.data import inputs
+    from ptft_dist.corpus import inputs
 
     for part in (1000, 1001, 4096):
         units = [u for u in inputs.split_sources(sources, 4, min_part=part, max_part=part)]

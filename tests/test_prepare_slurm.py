@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ptft_dist.data import shards as sh
+from ptft_dist.corpus import format as sh
 from tests.test_prepare import corpus_texts
 from tests.text_factory import documents
 

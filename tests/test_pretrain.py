@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from ptft_dist.convert import consolidated_state_dict, resolve_checkpoint
+from ptft_dist.pretrain.export import consolidated_state_dict, resolve_checkpoint
 from tests.corpus_factory import flip_byte, make_corpus
 
 pytestmark = pytest.mark.distributed
@@ -278,7 +278,7 @@ def test_vocab_mismatch_and_resume_with_another_shape(corpus, reference, tmp_pat
 def test_convert_round_trip_matches_the_engine(reference, tmp_path, stage):
     from transformers import AutoModelForPreTraining, BertForSequenceClassification
 
-    from ptft_dist.convert import probe_batch
+    from ptft_dist.pretrain.export import probe_batch
 
     export = tmp_path / "hf"
     proc = subprocess.run([PY, "-m", "ptft_dist.cli", "convert", str(reference[stage]), "-o", str(export)],
@@ -305,7 +305,7 @@ def test_convert_round_trip_matches_the_engine(reference, tmp_path, stage):
 def test_convert_bad_checkpoints_leave_no_export(reference, tmp_path):
     import shutil
 
-    from ptft_dist.convert import ConvertError, convert
+    from ptft_dist.pretrain.export import ConvertError, convert
 
     no_latest = tmp_path / "no_latest"
     shutil.copytree(reference[2], no_latest)

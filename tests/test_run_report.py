@@ -3,7 +3,7 @@
 import json
 
 from ptft_dist.cli import main
-from ptft_dist.run_report import read_metrics
+from ptft_dist.metrics.report import read_metrics
 
 
 def test_report_from_metrics(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""NSP pair construction and MLM masking (ptft_dist/data/samples.py): exact algorithms and statistics."""
+"""NSP pair construction and MLM masking (ptft_dist/stream/samples.py): exact algorithms and statistics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptft_dist.config import DataConfig
-from ptft_dist.data import samples as S
-from ptft_dist.data.stream import PretrainingStream
+from ptft_dist.stream import samples as S
+from ptft_dist.stream.dataset import PretrainingStream
 from tests.corpus_factory import make_corpus
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (ptft_dist/train/schedule.py): values at key steps, shape, config errors."""
+"""Learning-rate schedules (ptft_dist/engine/schedule.py): values at key steps, shape, config errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptft_dist.config import OptimConfig
-from ptft_dist.train.schedule import build_scheduler, lr_lambda, scheduler_factory
+from ptft_dist.engine.schedule import build_scheduler, lr_lambda, scheduler_factory
 
 MAX = 100
 

@@ -1,4 +1,4 @@
-"""Remote shards (ptft_dist/data/shard_cache.py): fsspec memory:// and a local HTTP server give
+"""Remote shards (ptft_dist/stream/shard_cache.py): fsspec memory:// and a local HTTP server give
 byte-identical batches; LRU cache limit; shared cache between processes; checksums, truncation,
 missing shards and retries."""
 
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from ptft_dist.config import DataConfig
-from ptft_dist.data import shard_cache as sc
-from ptft_dist.data.shards import CorpusError, load_manifest
-from ptft_dist.data.stream import PretrainingStream
+from ptft_dist.corpus.format import CorpusError, load_manifest
+from ptft_dist.stream import shard_cache as sc
+from ptft_dist.stream.dataset import PretrainingStream
 from tests.corpus_factory import copy_to_memory_fs, flip_byte, make_corpus
 
 SHARD_DOCS = (6, 2, 9, 4, 5, 3)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ptft_dist.data import shards as sh
+from ptft_dist.corpus import format as sh
 
 
 def _docs(rng, n_docs, vocab):

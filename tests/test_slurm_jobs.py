@@ -305,7 +305,7 @@ def test_finetune_array_and_summary(slurm_cluster, tmp_path):
 
 @pytest.mark.parametrize("mode", ["local", "slurm"])
 def test_prepare_job_makes_a_verified_corpus(slurm_cluster, tmp_path, mode):
-    from ptft_dist.data import shards as sh
+    from ptft_dist.corpus import format as sh
     from tests.text_factory import documents
 
     src = tmp_path / "raw.jsonl"

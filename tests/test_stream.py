@@ -1,4 +1,4 @@
-"""Streaming loader (ptft_dist/data/stream.py): exactly-once, equal steps, worker-independence,
+"""Streaming loader (ptft_dist/stream/dataset.py): exactly-once, equal steps, worker-independence,
 O(1) resume, elastic resume, validation stream, packed form, bad-input handling, inspect."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptft_dist.config import DataConfig
-from ptft_dist.data import samples as S
-from ptft_dist.data.inspect_samples import print_samples
-from ptft_dist.data.shards import CorpusError, tokenizer_hash
-from ptft_dist.data.stream import (
+from ptft_dist.corpus.format import CorpusError, tokenizer_hash
+from ptft_dist.inspect_samples import print_samples
+from ptft_dist.stream import samples as S
+from ptft_dist.stream.dataset import (
     BATCH_KEYS,
     PretrainingStream,
     StreamingLoader,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ptft_dist.config import FinetuneConfig
-from ptft_dist.data.inputs import InputError
+from ptft_dist.corpus.inputs import InputError
 
 SPLITS = ("train", "validation", "test")
 
@@ -69,7 +69,7 @@ def _read_table(path: str, cfg: FinetuneConfig) -> dict[str, list]:
 def _hf_splits(cfg: FinetuneConfig) -> dict[str, dict[str, list]]:
     import datasets
 
-    from ptft_dist.data.inputs import parse_hf_spec
+    from ptft_dist.corpus.inputs import parse_hf_spec
 
     name, config, _ = parse_hf_spec(cfg.hf_dataset if cfg.hf_dataset.startswith("hf:") else f"hf:{cfg.hf_dataset}")
     try:

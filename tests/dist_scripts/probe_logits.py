@@ -14,13 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 
 from ptft_dist import dist
+from ptft_dist.checkpoint.manager import CheckpointManager
 from ptft_dist.config import load_config
-from ptft_dist.convert import probe_batch
-from ptft_dist.data.shards import load_manifest
-from ptft_dist.train.checkpoint import CheckpointManager
-from ptft_dist.train.engine import build_engine
-from ptft_dist.train.model import build_pretrainer
-from ptft_dist.train.schedule import lr_lambda
+from ptft_dist.corpus.format import load_manifest
+from ptft_dist.engine.deepspeed import build_engine
+from ptft_dist.engine.schedule import lr_lambda
+from ptft_dist.pretrain.export import probe_batch
+from ptft_dist.pretrain.model import build_pretrainer
 
 
 def main() -> None:

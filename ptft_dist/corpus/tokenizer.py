@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ptft_dist.config import TokenizerConfig
-from ptft_dist.data.inputs import InputError
+from ptft_dist.corpus.inputs import InputError
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
@@ -19,7 +19,7 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, cfg: TokenizerCon
     """BERT-style WordPiece: BERT normaliser and pre-tokenizer, [CLS] A [SEP] B [SEP] template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    from ptft_dist.data.pii import PLACEHOLDERS  # one token each, so scrubbed text stays readable to the model
+    from ptft_dist.corpus.pii import PLACEHOLDERS  # one token each, so scrubbed text stays readable to the model
 
     specials = list(SPECIAL_TOKENS.values())
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))

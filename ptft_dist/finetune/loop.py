@@ -37,6 +37,18 @@ import torch
 
 from ptft_dist import dist
 from ptft_dist.config import Config, FinetuneConfig, OptimConfig, TrainConfig, save_resolved
+from ptft_dist.engine.deepspeed import build_engine
+from ptft_dist.engine.schedule import lr_lambda
+from ptft_dist.finetune.evaluate import (
+    Encoded,
+    check_metric,
+    collate,
+    encode,
+    is_better,
+    model_forward,
+    predict_logits,
+    task_metrics,
+)
 from ptft_dist.finetune.model import (
     FinetuneError,
     build_model,
@@ -48,20 +60,8 @@ from ptft_dist.finetune.model import (
     load_tokenizer,
     trainable_state_dict,
 )
-from ptft_dist.finetune.predict import (
-    Encoded,
-    check_metric,
-    collate,
-    encode,
-    is_better,
-    model_forward,
-    predict_logits,
-    task_metrics,
-)
 from ptft_dist.finetune.tasks import Split, TaskData, load_task
-from ptft_dist.train.engine import build_engine
-from ptft_dist.train.metrics import MetricsLogger
-from ptft_dist.train.schedule import lr_lambda
+from ptft_dist.metrics.throughput import MetricsLogger
 
 RESULTS = "results.json"
 BEST = "best"

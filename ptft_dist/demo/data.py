@@ -468,7 +468,7 @@ def fetch_demo_data(output: str | Path, cache_dir: str | Path | None = None, wit
     if with_minilm:
         datasets["minilm"] = _build_minilm(_fetch(MINILM, cache), output)
 
-    sources = {"format_version": FORMAT_VERSION, "created_by": "ptft_dist.data.demo_data", "datasets": datasets}
+    sources = {"format_version": FORMAT_VERSION, "created_by": "ptft_dist.demo.data", "datasets": datasets}
     _atomic_write(output / SOURCES_NAME, (json.dumps(sources, indent=2, ensure_ascii=False) + "\n").encode())
 
     n = datasets["news"]["counts"]

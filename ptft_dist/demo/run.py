@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ptft_dist.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -138,7 +138,7 @@ def unigram_baseline(corpus: Path) -> float:
     """MLM accuracy of always guessing the most frequent validation token: what 'learning' must beat."""
     import numpy as np
 
-    from ptft_dist.data.shards import load_manifest, read_shard
+    from ptft_dist.corpus.format import load_manifest, read_shard
 
     m = load_manifest(corpus)
     counts = np.zeros(m.vocab_size, dtype=np.int64)

@@ -51,9 +51,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ptft_dist.config import DataConfig
-from ptft_dist.data import samples as S
-from ptft_dist.data.shard_cache import ShardCache, file_lock
-from ptft_dist.data.shards import (
+from ptft_dist.corpus.format import (
     FORMAT_VERSION,
     TOKENIZER_DIR,
     CorpusError,
@@ -62,6 +60,8 @@ from ptft_dist.data.shards import (
     load_manifest,
     tokenizer_hash,
 )
+from ptft_dist.stream import samples as S
+from ptft_dist.stream.shard_cache import ShardCache, file_lock
 
 try:
     import torch

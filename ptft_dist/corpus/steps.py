@@ -22,7 +22,7 @@ from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature
 from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
 from ptft_dist.config import PrepareConfig
-from ptft_dist.data.inputs import InputError, ReadCounters, Source, assign_sources, read_hf, read_source
+from ptft_dist.corpus.inputs import InputError, ReadCounters, Source, assign_sources, read_hf, read_source
 
 
 def doc_hash(text: str, seed: int = 0) -> int:
@@ -120,10 +120,10 @@ class CleanAndScrub(PipelineStep):
         self.cfg = cfg
 
     def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-        from ptft_dist.data.clean import clean_document
+        from ptft_dist.corpus.clean import clean_document
 
         if self.cfg.pii.enabled:
-            from ptft_dist.data.pii import scrub_pii
+            from ptft_dist.corpus.pii import scrub_pii
         for doc in data:
             text, reason = clean_document(doc.text, self.cfg.clean)
             if text is None:
@@ -281,7 +281,7 @@ class TrainTokenizer(PipelineStep):
                             return
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        from ptft_dist.data.tokenizer import adopt_tokenizer, train_wordpiece
+        from ptft_dist.corpus.tokenizer import adopt_tokenizer, train_wordpiece
 
         tcfg = self.cfg.tokenizer
         if tcfg.path:
@@ -308,7 +308,7 @@ class EncodeShards(PipelineStep):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # tasks are the parallelism
         from tokenizers import Tokenizer
 
-        from ptft_dist.data.shards import ShardWriter
+        from ptft_dist.corpus.format import ShardWriter
 
         tok = Tokenizer.from_file(str(Path(self.corpus_dir) / "tokenizer" / "tokenizer.json"))
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -365,9 +365,9 @@ class Finalize(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         from ptft_dist.config import config_hash
-        from ptft_dist.data import shards as sh
-        from ptft_dist.data.report import build_report
-        from ptft_dist.data.tokenizer import special_token_ids, vocab_size
+        from ptft_dist.corpus import format as sh
+        from ptft_dist.corpus.report import build_report
+        from ptft_dist.corpus.tokenizer import special_token_ids, vocab_size
 
         root = Path(self.corpus_dir)
         work = root / ".prepare"

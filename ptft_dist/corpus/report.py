@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ptft_dist.data.shards import Manifest, load_manifest
+from ptft_dist.corpus.format import Manifest, load_manifest
 
 WORK_DIR = ".prepare"
 

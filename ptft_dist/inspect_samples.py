@@ -8,8 +8,8 @@ from typing import Optional, TextIO
 import numpy as np
 
 from ptft_dist.config import DataConfig
-from ptft_dist.data import samples as S
-from ptft_dist.data.stream import VALIDATION_SEED, PretrainingStream, load_vocab
+from ptft_dist.stream import samples as S
+from ptft_dist.stream.dataset import VALIDATION_SEED, PretrainingStream, load_vocab
 
 _NSP_NAMES = {S.IS_NEXT: "IsNext", S.NOT_NEXT: "NotNext", S.IGNORE_INDEX: "-"}
 

@@ -26,21 +26,21 @@ import torch
 import yaml
 
 from ptft_dist import dist
-from ptft_dist.config import Config, config_hash, save_resolved, to_dict
-from ptft_dist.data.shards import TOKENIZER_DIR, CorpusError, load_manifest
-from ptft_dist.data.stream import build_train_loader, build_validation_loader
-from ptft_dist.errors import UserError
-from ptft_dist.train.checkpoint import (
+from ptft_dist.checkpoint.manager import (
     CheckpointError,
     CheckpointManager,
     PreemptionHandler,
     exit_for_requeue,
     restore_rng,
 )
-from ptft_dist.train.engine import build_engine
-from ptft_dist.train.metrics import MetricsLogger, Throughput, device_peak_flops, format_progress, memory_stats
-from ptft_dist.train.model import build_pretrainer, count_parameters, effective_seq_len, flops_per_token
-from ptft_dist.train.schedule import lr_lambda
+from ptft_dist.config import Config, config_hash, save_resolved, to_dict
+from ptft_dist.corpus.format import TOKENIZER_DIR, CorpusError, load_manifest
+from ptft_dist.engine.deepspeed import build_engine
+from ptft_dist.engine.schedule import lr_lambda
+from ptft_dist.errors import UserError
+from ptft_dist.metrics.throughput import MetricsLogger, Throughput, device_peak_flops, format_progress, memory_stats
+from ptft_dist.pretrain.model import build_pretrainer, count_parameters, effective_seq_len, flops_per_token
+from ptft_dist.stream.dataset import build_train_loader, build_validation_loader
 
 log = logging.getLogger("ptft.pretrain")
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's deprecated calls

@@ -42,7 +42,7 @@ class Source:
 
 def resolve_checkpoint(path: str | Path) -> Source:
     """RUN_DIR, RUN_DIR/checkpoints or a step directory → the checkpoint to export."""
-    from ptft_dist.train.checkpoint import CheckpointError, CheckpointManager
+    from ptft_dist.checkpoint.manager import CheckpointError, CheckpointManager
 
     p = Path(path)
     if not p.exists():

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from ptft_dist.config import Config, PrepareConfig, config_hash, save_resolved
-from ptft_dist.data.inputs import InputError, Source, resolve_sources
+from ptft_dist.corpus.inputs import InputError, Source, resolve_sources
 
 WORK_DIR = ".prepare"
 REPORT_NAME = "prepare_report.json"
@@ -83,7 +83,7 @@ def build_stages(sources: list[Source], cfg: PrepareConfig, out: Path) -> list[_
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    from ptft_dist.data import prepare_steps as st
+    from ptft_dist.corpus import steps as st
 
     work = out / WORK_DIR
     tasks = max(1, cfg.workers)
@@ -131,7 +131,7 @@ def minhash_config(cfg: PrepareConfig):
 
 
 def _executors(stages: list[_Stage], cfg: PrepareConfig, out: Path):
-    from ptft_dist.data.prepare_steps import QuietLocalExecutor
+    from ptft_dist.corpus.steps import QuietLocalExecutor
 
     work = out / WORK_DIR
     if cfg.executor == "local":
@@ -194,7 +194,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: Config, overwrite: bool 
             _check_ingest(out)
         _record_time(out, stage.name, time.perf_counter() - t0)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # the manifest now vouches for the corpus
-    from ptft_dist.data.report import print_report
+    from ptft_dist.corpus.report import print_report
 
     print_report(out)
     return out
@@ -205,7 +205,7 @@ def _progress_total(stage: str, sources: list[Source], out: Path) -> tuple[int, 
     if stage == "ingest":
         return sum(s.size for s in sources), "B"
     if stage == "encode":
-        from ptft_dist.data.report import _pick, _stage_metrics
+        from ptft_dist.corpus.report import _pick, _stage_metrics
 
         counts = _pick(_stage_metrics(out / WORK_DIR, "dedup"), "sentences")
         return counts.get("train_docs", 0) + counts.get("validation_docs", 0), "doc"
@@ -259,7 +259,7 @@ def _quiet_console_logs() -> None:
 
 def _check_ingest(out: Path) -> None:
     """Stop early, before dedup and tokenizer training, when there is nothing to prepare."""
-    from ptft_dist.data.report import _pick, _stage_metrics
+    from ptft_dist.corpus.report import _pick, _stage_metrics
 
     counts = _pick(_stage_metrics(out / WORK_DIR, "ingest"), "read")
     if not counts.get("input_docs"):

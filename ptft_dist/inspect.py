@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptft_dist.data.shards import TOKENIZER_DIR, load_manifest, read_shard
+from ptft_dist.corpus.format import TOKENIZER_DIR, load_manifest, read_shard
 
 
 def token_count_histogram(lengths: np.ndarray, bins: int = 10) -> list[tuple[int, int, int]]:
@@ -87,7 +87,7 @@ def print_statistics(stats: dict) -> None:
 def inspect_corpus(args: argparse.Namespace) -> None:
     if args.samples or args.ids:
         from ptft_dist.config import load_config
-        from ptft_dist.data.inspect_samples import print_samples
+        from ptft_dist.inspect_samples import print_samples
 
         cfg = load_config(args.config, args.overrides)
         if args.seed is not None:

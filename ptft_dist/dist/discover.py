@@ -935,7 +935,7 @@ def deepspeed_env(extra: Mapping[str, str] | None = None, environ: Mapping[str, 
     if venv_bin:
         out["PATH"] = _prepend_path(out.get("PATH", os.defpath), venv_bin)
         out.setdefault("VIRTUAL_ENV", str(Path(venv_bin).parent))
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[2])
     out["PYTHONPATH"] = _prepend_path(out.get("PYTHONPATH", ""), repo)
     out.update(extra or {})
     return out
@@ -1027,8 +1027,8 @@ def _exec(argv: list[str]) -> int:
 
     here = str(Path(__file__).resolve().parent)
     if sys.path and os.path.realpath(sys.path[0] or ".") == here:
-        sys.path.pop(0)  # run as a file: ptft_dist/ itself must not shadow top-level modules
-    repo = str(Path(here).parent)
+        sys.path.pop(0)  # run as a file: ptft_dist/dist/ itself must not shadow top-level modules
+    repo = str(Path(here).parents[1])
     if repo not in sys.path:
         sys.path.insert(0, repo)
     if argv[:1] == ["-m"] and len(argv) >= 2:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from ptft_dist.data.shards import CorpusError, ShardData, ShardInfo, decode_shard, index_span, parse_header
+from ptft_dist.corpus.format import CorpusError, ShardData, ShardInfo, decode_shard, index_span, parse_header
 
 try:
     import fcntl

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ptft_dist.config import FinetuneConfig
-from ptft_dist.finetune.metrics import classification_metrics, regression_metrics
 from ptft_dist.finetune.model import FinetuneError, load_exported
+from ptft_dist.finetune.scores import classification_metrics, regression_metrics
 
 METRICS = {"classification": ("accuracy", "macro_f1", "mcc", "loss"),
            "regression": ("pearson", "spearman", "mse", "loss")}
