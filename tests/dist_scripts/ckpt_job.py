@@ -1,5 +1,5 @@
 """A miniature pretraining loop using Engine + CheckpointManager + PreemptionHandler exactly as
-the real loop should (launched by tests/test_checkpoint.py; every rank runs it).
+the real loop should (launched by tests/checkpoint/test_checkpoint.py; every rank runs it).
 
 Fault injection (by the test, never by the library):
   --fail-step N   on rank 1, every file write of checkpoint step_N fails with ENOSPC after a few bytes

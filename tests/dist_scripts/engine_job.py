@@ -1,4 +1,4 @@
-"""Multi-process engine checks (launched by tests/test_engine.py). Every rank runs it; rank 0 writes
+"""Multi-process engine checks (launched by tests/engine/test_engine.py). Every rank runs it; rank 0 writes
 the numbers to OUT/<mode>.json, the test compares them.
 
 modes:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ptft_dist.corpus import format as sh
-from tests.test_prepare import corpus_texts
+from tests.corpus.test_prepare import corpus_texts
 from tests.text_factory import documents
 
 

@@ -20,7 +20,7 @@ import pytest
 from ptft_dist import dist
 from ptft_dist.dist import DistEnv, LayoutError, PreflightError, discover
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _closed_port() -> int:

@@ -19,11 +19,11 @@ import pytest
 
 from tests.corpus_factory import make_corpus
 from tests.slurm_cluster import SlurmCluster, free_ports
-from tests.test_pretrain import TINY, assert_same_weights, losses, sample_ids
+from tests.pretrain.test_pretrain import TINY, assert_same_weights, losses, sample_ids
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "slurm"
 PY = sys.executable
 STEPS = 60  # ~80 ms a step here: long enough to signal mid-run, short next to the ~20 s start-up

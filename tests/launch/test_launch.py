@@ -19,7 +19,7 @@ import pytest
 from ptft_dist.dist import encode_argv, free_port
 from tests.slurm_cluster import SlurmCluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = str(REPO / "launch.sh")
 PY = sys.executable
 ROOT = os.geteuid() == 0

@@ -27,7 +27,7 @@ from ptft_dist.checkpoint.manager import (
 from ptft_dist.config import CheckpointConfig
 from tests.dist_scripts.common import spawn_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "tests" / "dist_scripts" / "ckpt_job.py"
 
 

@@ -23,7 +23,7 @@ from ptft_dist.pretrain.export import consolidated_state_dict, resolve_checkpoin
 from tests.corpus_factory import flip_byte, make_corpus
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 12

@@ -25,7 +25,7 @@ import yaml
 from ptft_dist.config import FinetuneConfig, TokenizerConfig, load_config
 from ptft_dist.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POS = ["good", "great", "excellent", "superb"]
 NEG = ["bad", "awful", "terrible", "poor"]
 FILL = ["the", "movie", "plot", "actor", "was", "really", "quite", "and", "story", "scene", "film", "music", "script", "cast", "long", "short", "with", "some", "very", "this", "that", "its", "a", "an", "of", "in", "on", "director", "camera", "ending", "start", "middle"]

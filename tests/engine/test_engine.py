@@ -22,7 +22,7 @@ from ptft_dist.engine.deepspeed import (
 )
 from tests.dist_scripts.common import free_port, job_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "tests" / "dist_scripts" / "engine_job.py"
 CPU = torch.device("cpu")
 
