@@ -47,7 +47,7 @@ PROGRAM: `ptft ...` (-> <python> -m ptft_dist.cli ...), `python [-u] -m MODULE .
 `python SCRIPT.py ...`, `SCRIPT.py ...`, or any executable.
 Hostfiles hold `HOST slots=N` lines (# comments and blank lines allowed).
 Environment: PTFT_PYTHON (interpreter), PTFT_NUM_GPUS (GPU count instead of nvidia-smi -L),
-PTFT_MASTER_PORT / PTFT_MASTER_ADDR (see ptft_dist/dist/__main__.py).
+PTFT_MASTER_PORT / PTFT_MASTER_ADDR (see ptft_dist/dist/discover.py).
 EOF
 }
 
@@ -83,17 +83,11 @@ gpu_count() {
   fi
 }
 
+# the helpers in ptft_dist/dist/ that launch.sh shares with the ranks (one implementation each)
+DIST=("$PY" "$REPO/ptft_dist/dist/__main__.py")
+
 slurm_gpus_per_node() {  # GPUs per node of the current allocation, or empty (none, or 0)
-  local v=""
-  if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
-    v=$SLURM_GPUS_ON_NODE
-  elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then
-    v=${SLURM_GPUS_PER_NODE%%,*}
-    v=${v##*:}
-    v=${v%%(*}
-  fi
-  [[ $v != 0 ]] && echo "$v"
-  return 0
+  "${DIST[@]}" --gpus-per-node || die "cannot read the GPU count of the SLURM allocation"
 }
 
 # ------------------------------------------------------------------ arguments
@@ -264,7 +258,7 @@ full_argv() {  # the program as one argv list for the --exec-b64 shim: fills P
 shim_program() {  # the program through `python ptft_dist/dist/__main__.py --exec-b64 ...`: fills P
   full_argv
   local b64
-  b64=$("$PY" -c 'import base64, json, sys; print(base64.urlsafe_b64encode(json.dumps(sys.argv[1:]).encode()).decode())' "${P[@]}")
+  b64=$("${DIST[@]}" --encode-argv "${P[@]}") || die "cannot encode the program line"
   P=("$REPO/ptft_dist/dist/__main__.py" --exec-b64 "$b64")
 }
 shell_safe() {  # true when every program word passes a remote shell unquoted
@@ -300,7 +294,7 @@ case $MODE in
       slots=${ngpus:-${SLURM_NTASKS_PER_NODE:-$(slurm_gpus_per_node)}}
       slots=${slots:-1}
       hostfile=${TMPDIR:-/tmp}/ptft-hostfile-$SLURM_JOB_ID
-      nodes=$("$PY" "$REPO/ptft_dist/dist/__main__.py" --hostnames "${SLURM_JOB_NODELIST:-}") || die "cannot expand SLURM_JOB_NODELIST"
+      nodes=$("${DIST[@]}" --hostnames "${SLURM_JOB_NODELIST:-}") || die "cannot expand SLURM_JOB_NODELIST"
       gen_hostfile=""
       for h in $nodes; do gen_hostfile+="$h slots=$slots"$'\n'; done
       if ((DRY_RUN)); then
@@ -363,7 +357,7 @@ case $MODE in
       esac
     fi
     if ((multi)); then
-      PRE=("$PY" "$REPO/ptft_dist/dist/__main__.py" --write-deepspeed-env .deepspeed_env)
+      PRE=("${DIST[@]}" --write-deepspeed-env .deepspeed_env)
     fi
     ;;
 
