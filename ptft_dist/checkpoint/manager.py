@@ -1,4 +1,4 @@
-"""Checkpoints that are whole or invisible (invariant 5), auto-resume, keep-last-K, preemption.
+"""Checkpoints that are whole or invisible (docs/design.md, guarantee 5), auto-resume, keep-last-K.
 
 On-disk layout (``run_dir`` must be on a filesystem every rank sees)::
 
@@ -7,7 +7,7 @@ On-disk layout (``run_dir`` must be on a filesystem every rank sees)::
       step_1200/              one checkpoint (tag = step_{N}, N = optimizer steps done)
         COMPLETE              JSON manifest (step, world size, every rank's files and sizes);
                               written after all ranks' files are written, fsync'd and checked
-        ptft_meta.json        backend, ZeRO stage, world size, precision
+        ptft_meta.json        backend, ZeRO stage, world size, precision (checkpoint/universal.py)
         rng_state_{r}.pt      rank r's RNG states (python, numpy, torch, CUDA)
         mp_rank_00_model_states.pt, *zero_pp_rank_{r}_*optim_states.pt ...  DeepSpeed's files
         (Accelerate: model.safetensors, optimizer.bin, custom_checkpoint_0.pkl, client_state.pt, ...)
@@ -27,129 +27,50 @@ Protocol of :meth:`CheckpointManager.save` (every rank calls it, at a step bound
 A kill at any instant therefore leaves ``latest`` naming a whole checkpoint; the half-written
 directory is deleted by :meth:`CheckpointManager.resolve_resume` on the next start.
 
-Preemption (invariant 6): :class:`PreemptionHandler` sets a flag on SIGUSR1/SIGTERM (nothing
-else happens in the handler); :meth:`PreemptionHandler.should_stop` all-reduces it at a step
-boundary so every rank stops at the same step; the loop saves and exits with
-``checkpoint.requeue_exit_code`` (default 124), which the job script turns into a requeue.
+Where the latest checkpoint is has ONE answer, :func:`find_checkpoint` (used by resume and by
+``ptft convert``). Preemption (signal → save → exit → resume) lives in ``checkpoint/preemption.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ptft_dist.config import CheckpointConfig
+from ptft_dist.dist.collectives import barrier, broadcast_object, gather_object
 from ptft_dist.errors import UserError
+from ptft_dist.fsutil import fsync_dir, fsync_file, remove_tree, write_text_atomic
+from ptft_dist.log import get_logger
 
-log = logging.getLogger(__name__)
+log: logging.Logger = get_logger("checkpoint")
 
-LATEST = "latest"
-COMPLETE = "COMPLETE"
+CHECKPOINTS_DIR = "checkpoints"  # run_dir/checkpoints
+LATEST = "latest"  # checkpoints/latest: the tag of the newest complete checkpoint
+COMPLETE = "COMPLETE"  # step_N/COMPLETE: the manifest, written last
 _TAG_RE = re.compile(r"^step_(\d+)$")
+_MODEL_FILES = ("*model_states.pt", "model.safetensors", "*.safetensors", "pytorch_model.bin")
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written / found / trusted (the message says which and why)."""
 
 
-# --------------------------------------------------------------------------- collectives
+def step_of(tag: str) -> Optional[int]:
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
 
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _gather(obj: Any) -> list:
-    """Every rank's ``obj`` on every rank ([obj] without a process group)."""
-    if not _dist_on():
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    if not _dist_on():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if _dist_on():
-        dist.barrier()
-
-
-def _flag_device() -> torch.device:
-    if _dist_on() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """temp file in the same directory + fsync + rename + directory fsync."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _remove_tree(path: Path) -> None:
-    """Rename first (atomic), then delete: a crash mid-delete never leaves a half checkpoint
-    under a checkpoint's name."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.time_ns()}")
-    try:
-        os.replace(path, trash)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
+def _rng_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / f"rng_state_{rank}.pt"
 
 
 def _jsonable(state: dict) -> dict:
@@ -163,11 +84,6 @@ def _jsonable(state: dict) -> dict:
             continue
         out[k] = v
     return out
-
-
-def step_of(tag: str) -> Optional[int]:
-    m = _TAG_RE.match(tag)
-    return int(m.group(1)) if m else None
 
 
 # --------------------------------------------------------------------------- RNG
@@ -199,15 +115,85 @@ def restore_rng(client_state: dict) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- finding and trusting one
+
+
+def read_manifest(step_dir: str | Path) -> dict:
+    """The ``COMPLETE`` manifest of a checkpoint ({} for one without)."""
+    p = Path(step_dir) / COMPLETE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def verify(path: str | Path) -> dict:
+    """A checkpoint dir is usable: its COMPLETE manifest's files exist with their sizes
+    (or, for a checkpoint from elsewhere without one, it holds non-empty model files).
+    Returns the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest:
+        bad = []
+        for rel, size in manifest.get("files", {}).items():
+            f = path / rel
+            if not f.is_file():
+                bad.append(f"{rel} missing")
+            elif f.stat().st_size != size:
+                bad.append(f"{rel} has {f.stat().st_size} bytes, expected {size}")
+        if bad:
+            raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(bad[:5])}")
+        return manifest
+    if not _model_files(path):
+        raise CheckpointError(f"{path}: not a checkpoint (no {COMPLETE} manifest and no model-state files)")
+    log.warning("%s has no %s manifest (not written by this tool?): trusting its model files", path, COMPLETE)
+    return {}
+
+
+def _model_files(path: Path) -> list[Path]:
+    return [p for pat in _MODEL_FILES for p in path.glob(pat) if p.stat().st_size > 0]
+
+
+def _follow_latest(path: Path) -> Optional[Path]:
+    """The step dir named by ``latest`` in ``path/checkpoints`` or ``path``; None when neither has one
+    (or ``path`` is itself a sealed step dir)."""
+    if (path / COMPLETE).is_file():
+        return None
+    for root in (path / CHECKPOINTS_DIR, path):
+        pointer = root / LATEST
+        if pointer.is_file():
+            tag = pointer.read_text().strip()
+            if not tag or not (root / tag).is_dir():
+                raise CheckpointError(f"{pointer} names {tag or 'nothing'}, which does not exist: "
+                                      f"the run dir was altered")
+            return root / tag
+    return None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A run dir, its ``checkpoints/`` dir, or a step dir → the verified step dir (for the first
+    two, the one ``latest`` names). Raises :class:`CheckpointError` saying what is wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or run directory")
+    step_dir = _follow_latest(p)
+    if step_dir is None:
+        if not (p / COMPLETE).is_file() and not _model_files(p):
+            raise CheckpointError(f"{p}: not a checkpoint: no '{LATEST}' file and no checkpoint files here "
+                                  "(give a run directory, its checkpoints/ folder, or a step_N folder)")
+        step_dir = p
+    verify(step_dir)
+    return step_dir
+
+
 # --------------------------------------------------------------------------- manager
 
 
 class CheckpointManager:
     """Save / find / prune checkpoints of one run. Construct it on every rank."""
 
+    verify = staticmethod(verify)  # CheckpointManager.verify(path), as before the module function existed
+
     def __init__(self, run_dir: str | Path, ckpt_cfg: CheckpointConfig, rank: int, world_size: int):
         self.run_dir = Path(run_dir)
-        self.root = self.run_dir / "checkpoints"
+        self.root = self.run_dir / CHECKPOINTS_DIR
         self.cfg = ckpt_cfg
         self.rank = rank
         self.world_size = world_size
@@ -263,7 +249,7 @@ class CheckpointManager:
                 result = self._resolve_on_rank0(mode)
             except CheckpointError as exc:
                 err = str(exc)
-        err, result = _broadcast((err, None if result is None else str(result)))
+        err, result = broadcast_object((err, None if result is None else str(result)))
         if err:
             raise CheckpointError(err)
         return Path(result) if result else None
@@ -279,47 +265,16 @@ class CheckpointManager:
             return None
         if mode == "auto":
             self.cleanup_stale()
-            latest = self.latest_path()
-            if latest is None:
+            if self.latest_tag() is None:
                 return None
-            if not latest.is_dir():
-                raise CheckpointError(f"{self.root / LATEST} names {latest.name}, which does not exist: the run dir "
-                                      f"was altered; set checkpoint.resume to an existing checkpoint path")
-            self.verify(latest)
-            return latest
-        path = Path(mode)
-        for root in (path / "checkpoints", path):  # a run dir or a checkpoints dir: follow its latest
-            if (root / LATEST).is_file() and not (path / COMPLETE).is_file():
-                path = root / (root / LATEST).read_text().strip()
-                break
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint.resume={mode}: no such checkpoint directory ({path})")
-        self.verify(path)
-        return path
-
-    @staticmethod
-    def verify(path: Path) -> dict:
-        """A checkpoint dir is usable: its COMPLETE manifest's files exist with their sizes
-        (or, for a checkpoint from elsewhere without one, it holds non-empty model files)."""
-        manifest_p = path / COMPLETE
-        if manifest_p.is_file():
-            manifest = json.loads(manifest_p.read_text())
-            bad = []
-            for rel, size in manifest.get("files", {}).items():
-                f = path / rel
-                if not f.is_file():
-                    bad.append(f"{rel} missing")
-                elif f.stat().st_size != size:
-                    bad.append(f"{rel} has {f.stat().st_size} bytes, expected {size}")
-            if bad:
-                raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(bad[:5])}")
-            return manifest
-        model_files = [p for pat in ("*model_states.pt", "model.safetensors", "*.safetensors", "pytorch_model.bin")
-                       for p in path.glob(pat) if p.stat().st_size > 0]
-        if not model_files:
-            raise CheckpointError(f"{path}: not a checkpoint (no {COMPLETE} manifest and no model-state files)")
-        log.warning("%s has no %s manifest (not written by this tool?): trusting its model files", path, COMPLETE)
-        return {}
+            try:
+                return find_checkpoint(self.root)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; set checkpoint.resume to an existing checkpoint path") from None
+        try:
+            return find_checkpoint(mode)
+        except CheckpointError as exc:
+            raise CheckpointError(f"checkpoint.resume: {exc}") from None
 
     def cleanup_stale(self) -> list[Path]:
         """Rank 0: delete step dirs an interrupted save left behind (newer than ``latest``, or
@@ -342,7 +297,7 @@ class CheckpointManager:
             newer = latest_step is None or s > latest_step
             if newer or not (p / COMPLETE).is_file():
                 log.warning("removing stale checkpoint dir %s (interrupted save; latest is %s)", p, latest)
-                _remove_tree(p)
+                remove_tree(p)
                 removed.append(p)
         return removed
 
@@ -354,9 +309,18 @@ class CheckpointManager:
         tag = self.tag_for(step)
         path = self.root / tag
         t0 = time.time()
-        # 1. rank 0 prepares the directory (a stale one of the same name goes first)
-        err = ""
-        already = False
+        if self._prepare_dir(tag, path):
+            log.info("checkpoint %s already saved", tag)
+            return path
+        files = self._write_and_check(engine, step, tag, path, client_state)
+        self._seal(step, tag, path, client_state, files)
+        log.info("checkpoint %s saved in %.1f s", path, time.time() - t0)
+        return path
+
+    def _prepare_dir(self, tag: str, path: Path) -> bool:
+        """Step 1, rank 0: an empty ``path`` (a stale one of the same name goes first). Returns True
+        on every rank when this checkpoint is already saved and named by ``latest``."""
+        err, already = "", False
         if self.rank == 0:
             try:
                 if self.latest_tag() == tag and (path / COMPLETE).is_file():
@@ -365,19 +329,19 @@ class CheckpointManager:
                     self.root.mkdir(parents=True, exist_ok=True)
                     if path.exists():
                         log.warning("removing stale %s before saving over it", path)
-                        _remove_tree(path)
+                        remove_tree(path)
                     path.mkdir()
             except OSError as exc:
                 err = f"{type(exc).__name__}: {exc}"
-        err, already = _broadcast((err, already))
+        err, already = broadcast_object((err, already))
         if err:
             raise CheckpointError(f"checkpoint {tag}: cannot create {path}: {err}; latest is still "
                                   f"{self.latest_tag()}")
-        if already:
-            log.info("checkpoint %s already saved", tag)
-            return path
+        return already
 
-        # 2. every rank writes and checks its own files
+    def _write_and_check(self, engine: Any, step: int, tag: str, path: Path, client_state: dict) -> dict[str, int]:
+        """Step 2, every rank: write this rank's files, fsync and check them; then all ranks learn
+        whether any failed. Returns every rank's files (relative path → size)."""
         state = dict(client_state)
         state.setdefault("step", step)
         state["world_size"] = self.world_size
@@ -386,21 +350,13 @@ class CheckpointManager:
         err = ""
         try:
             written = list(engine.save_checkpoint(self.root, tag, state))
-            rng_file = path / f"rng_state_{self.rank}.pt"
+            rng_file = _rng_file(path, self.rank)
             torch.save(capture_rng(), rng_file)
             written.append(rng_file)
-            for f in written:
-                f = Path(f)
-                if not f.is_file():
-                    raise OSError(f"{f} was not written")
-                size = f.stat().st_size
-                if size == 0:
-                    raise OSError(f"{f} is empty")
-                _fsync_file(f)
-                files[str(f.relative_to(path))] = size
+            files = _check_written(written, path)
         except Exception as exc:  # any failure on any rank must reach all ranks
             err = f"{type(exc).__name__}: {exc}"
-        results = _gather((self.rank, err, files))
+        results = gather_object((self.rank, err, files))
         failed = [(r, e) for r, e, _ in results if e]
         if failed:
             self._abandon(path)
@@ -408,37 +364,36 @@ class CheckpointManager:
                 f"checkpoint {tag} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: "
                 + " | ".join(f"rank {r}: {e}" for r, e in failed)
                 + f"; the partial directory was removed and latest is still {self.latest_tag()}")
+        return {k: v for _, _, fs in results for k, v in fs.items()}
 
-        # 3. rank 0 seals it: COMPLETE manifest, then latest (atomic), then prune
+    def _seal(self, step: int, tag: str, path: Path, client_state: dict, files: dict[str, int]) -> None:
+        """Step 3, rank 0: COMPLETE manifest, then ``latest`` (atomic), then prune."""
         err = ""
         if self.rank == 0:
             try:
-                _fsync_dir(path)
+                fsync_dir(path)
                 manifest = {"step": step, "tag": tag, "world_size": self.world_size, "time": time.time(),
-                            "client": _jsonable(client_state),
-                            "files": {k: v for _, _, fs in results for k, v in fs.items()}}
+                            "client": _jsonable(client_state), "files": files}
                 write_text_atomic(path / COMPLETE, json.dumps(manifest, indent=1, sort_keys=True))
                 write_text_atomic(self.root / LATEST, tag)
             except Exception as exc:
                 err = f"{type(exc).__name__}: {exc}"
                 if self.latest_tag() != tag:
-                    _remove_tree(path)
+                    remove_tree(path)
             if not err:
                 try:
                     self.prune()
                 except OSError as exc:  # a failed prune leaves an extra old checkpoint: not fatal
                     log.warning("pruning old checkpoints failed: %s", exc)
-        err = _broadcast(err)
+        err = broadcast_object(err)
         if err:
             raise CheckpointError(f"checkpoint {tag}: sealing failed on rank 0: {err}; latest is still "
                                   f"{self.latest_tag()}")
-        log.info("checkpoint %s saved in %.1f s", path, time.time() - t0)
-        return path
 
     def _abandon(self, path: Path) -> None:
         if self.rank == 0:
-            _remove_tree(path)
-        _barrier()
+            remove_tree(path)
+        barrier()
 
     def prune(self) -> list[Path]:
         """Rank 0: keep the newest ``keep_last`` checkpoints up to ``latest`` (<= 0: keep all)."""
@@ -454,7 +409,7 @@ class CheckpointManager:
         for p in self.root.iterdir():
             s = step_of(p.name)
             if s is not None and p.is_dir() and s < latest_step and p.name not in keep:
-                _remove_tree(p)
+                remove_tree(p)
                 removed.append(p)
         return removed
 
@@ -464,7 +419,7 @@ class CheckpointManager:
         replaced by THIS rank's saved RNG states (None if the checkpoint had fewer ranks)."""
         path = Path(path)
         client = engine.load_checkpoint(path.parent, path.name)
-        rng_file = path / f"rng_state_{self.rank}.pt"
+        rng_file = _rng_file(path, self.rank)
         if rng_file.is_file():
             client["rng"] = torch.load(rng_file, map_location="cpu", weights_only=False)
         else:
@@ -474,69 +429,15 @@ class CheckpointManager:
         return client
 
 
-# --------------------------------------------------------------------------- preemption
-
-
-class PreemptionHandler:
-    """SIGUSR1/SIGTERM → a flag; :meth:`should_stop` agrees on it across ranks at step boundaries.
-
-    Usage (every rank)::
-
-        with PreemptionHandler() as pre:
-            for step in ...:
-                train_step()
-                if pre.should_stop():            # collective: call it on every rank, every step
-                    ckpt.save(engine, step, state)
-                    exit_for_requeue(cfg.checkpoint)   # sys.exit(requeue_exit_code)
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
-        self.signals = signals
-        self.received: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum  # nothing else: we are inside an arbitrary bytecode
-
-    def install(self) -> PreemptionHandler:
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-
-    def __enter__(self) -> PreemptionHandler:
-        return self.install()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.uninstall()
-
-    @property
-    def requested(self) -> bool:
-        """This rank got a signal (local; use :meth:`should_stop` to decide)."""
-        return self.received is not None
-
-    def should_stop(self) -> bool:
-        """True on every rank if any rank got a signal. A collective (all-reduce of one number):
-        every rank must call it at the same step."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=_flag_device())
-        if _dist_on():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item() > 0)
-        if stop and self.received is None:
-            self.received = -1  # learned from another rank
-        return stop
-
-
-def exit_for_requeue(ckpt_cfg: CheckpointConfig) -> None:
-    """After the preemption save: leave the process group cleanly and exit with
-    ``checkpoint.requeue_exit_code`` (the job script requeues on that status)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if dist.is_available() and dist.is_initialized():
-        _barrier()
-        dist.destroy_process_group()
-    sys.exit(ckpt_cfg.requeue_exit_code)
+def _check_written(written: list, step_dir: Path) -> dict[str, int]:
+    """Every file this rank wrote exists, is non-empty and is on disk (fsync'd): relative path → size."""
+    files: dict[str, int] = {}
+    for f in map(Path, written):
+        if not f.is_file():
+            raise OSError(f"{f} was not written")
+        size = f.stat().st_size
+        if size == 0:
+            raise OSError(f"{f} is empty")
+        fsync_file(f)
+        files[str(f.relative_to(step_dir))] = size
+    return files

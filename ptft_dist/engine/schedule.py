@@ -1,8 +1,8 @@
 """Learning-rate schedules as a multiplier of the peak lr, wrapped in a torch ``LambdaLR``.
 
 A torch scheduler (not DeepSpeed's own) so the same object drives the DeepSpeed and the
-Accelerate paths; ``deepspeed.initialize(lr_scheduler=...)`` takes either the scheduler or
-:func:`scheduler_factory`'s callable and steps it after every optimizer step.
+Accelerate paths: each engine wraps :func:`lr_lambda` in a ``LambdaLR`` over the optimizer it
+builds (``deepspeed.initialize(lr_scheduler=...)`` then steps it after every optimizer step).
 
 Step convention: ``f(s)`` is the multiplier for optimizer step ``s`` (0-based; ``LambdaLR`` calls
 ``f(0)`` at construction, ``f(1)`` after the first ``scheduler.step()``, ...).
@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 
 from ptft_dist.config import ConfigError, OptimConfig
 
@@ -82,16 +79,3 @@ def lr_lambda(optim_cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
 
     return f
 
-
-def build_scheduler(optimizer: Optimizer, optim_cfg: OptimConfig, max_steps: int) -> LambdaLR:
-    """``LambdaLR`` over ``optimizer``; step it once per optimizer step (DeepSpeed does this itself)."""
-    return LambdaLR(optimizer, lr_lambda(optim_cfg, max_steps))
-
-
-def scheduler_factory(optim_cfg: OptimConfig, max_steps: int) -> Callable[[Optimizer], LambdaLR]:
-    """For ``deepspeed.initialize(lr_scheduler=...)``: built on the optimizer DeepSpeed wraps.
-
-    Checks the config now, so a bad schedule fails before the engine is built.
-    """
-    _check(optim_cfg, max_steps)
-    return lambda optimizer: build_scheduler(optimizer, optim_cfg, max_steps)

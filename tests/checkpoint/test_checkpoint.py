@@ -1,4 +1,4 @@
-"""Checkpoints (ptft_dist/checkpoint/manager.py): whole-or-invisible saves, atomic latest, keep-last-K,
+"""Checkpoints (ptft_dist/checkpoint/manager.py, preemption.py): whole-or-invisible saves, atomic latest, keep-last-K,
 resume resolution, stale-dir cleanup, RNG, preemption signals. In-process tests use a tiny fake
 engine; the distributed ones run real DeepSpeed ranks over gloo (ENOSPC on one rank, SIGUSR1 to
 one rank, kill -9 during a save) and check the numbers after resuming."""
@@ -20,10 +20,11 @@ from ptft_dist.checkpoint.manager import (
     COMPLETE,
     CheckpointError,
     CheckpointManager,
-    PreemptionHandler,
     capture_rng,
+    find_checkpoint,
     restore_rng,
 )
+from ptft_dist.checkpoint.preemption import PreemptionHandler
 from ptft_dist.config import CheckpointConfig
 from tests.dist_scripts.common import spawn_ranks
 
@@ -126,7 +127,7 @@ def test_resolve_resume_modes(tmp_path):
     assert mgr(tmp_path / "other", resume="never").resolve_resume() is None
     for target in (m.root / "step_3", tmp_path / "run", m.root):  # a checkpoint, a run dir, a checkpoints dir
         assert mgr(tmp_path / "x", resume=str(target)).resolve_resume() == m.root / "step_3"
-    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+    with pytest.raises(CheckpointError, match="checkpoint.resume: .* no such checkpoint or run directory"):
         mgr(tmp_path / "x", resume=str(tmp_path / "missing")).resolve_resume()
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a checkpoint"):
@@ -134,6 +135,25 @@ def test_resolve_resume_modes(tmp_path):
     (m.root / "step_3" / "model_states.pt").write_bytes(b"x")  # size no longer matches the manifest
     with pytest.raises(CheckpointError, match="damaged: model_states.pt has 1 bytes"):
         m.resolve_resume()
+
+
+def test_find_checkpoint_follows_latest_from_run_checkpoints_or_step_dir(tmp_path):
+    """The one answer to "where is the latest checkpoint" (resume and ``ptft convert`` both use it)."""
+    m, e = mgr(tmp_path), FakeEngine()
+    m.save(e, 2, {})
+    m.save(e, 4, {})
+    for target in (tmp_path / "run", m.root, m.root / "step_4"):
+        assert find_checkpoint(target) == m.root / "step_4"
+    assert find_checkpoint(m.root / "step_2") == m.root / "step_2"  # a step dir is taken as given
+    with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
+        find_checkpoint(tmp_path / "missing")
+    (m.root / "latest").unlink()
+    for target in (tmp_path / "run", m.root):
+        with pytest.raises(CheckpointError, match="not a checkpoint: no 'latest' file"):
+            find_checkpoint(target)
+    (m.root / "latest").write_text("step_9")
+    with pytest.raises(CheckpointError, match="names step_9, which does not exist"):
+        find_checkpoint(tmp_path / "run")
 
 
 def test_interrupted_save_dirs_are_removed_on_resume(tmp_path):

@@ -22,15 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 import torch.distributed as dist
 
-from ptft_dist.checkpoint.manager import (
-    CheckpointError,
-    CheckpointManager,
-    PreemptionHandler,
-    exit_for_requeue,
-    restore_rng,
-)
+from ptft_dist.checkpoint.manager import CheckpointError, CheckpointManager, restore_rng
+from ptft_dist.checkpoint.preemption import PreemptionHandler, exit_for_requeue
 from ptft_dist.config import CheckpointConfig, OptimConfig, TrainConfig
-from ptft_dist.engine.deepspeed import build_engine
+from ptft_dist.engine import build_engine
 from tests.dist_scripts.common import batch, dump, lr_lambda, tiny_bert
 
 

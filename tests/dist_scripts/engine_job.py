@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ptft_dist.config import OptimConfig, TrainConfig
-from ptft_dist.engine.deepspeed import build_engine
+from ptft_dist.engine import build_engine
 from tests.dist_scripts.common import batch, dump, lr_lambda, tiny_bert
 
 GLOBAL, MB = 12, 2

@@ -1,4 +1,4 @@
-"""Training engine (ptft_dist/engine/deepspeed.py): DeepSpeed config resolution (in-process), and real
+"""Training engine (ptft_dist/engine/): DeepSpeed config resolution (ds_config.py, in-process), and real
 multi-process runs over gloo that compare NUMBERS: ZeRO 0/1/2/3 losses, ZeRO-3 state memory,
 save/load round trips, elastic resume 2 → 1 and 2 → 3 ranks (universal checkpoint), and the
 Accelerate backend against DeepSpeed ZeRO-0."""
@@ -14,12 +14,8 @@ import pytest
 import torch
 
 from ptft_dist.config import OptimConfig, TrainConfig
-from ptft_dist.engine.deepspeed import (
-    DS_CONFIG_DIR,
-    EngineConfigError,
-    check_global_batch,
-    resolve_deepspeed_config,
-)
+from ptft_dist.engine.base import EngineConfigError, check_global_batch
+from ptft_dist.engine.ds_config import DS_CONFIG_DIR, resolve_deepspeed_config
 from tests.dist_scripts.common import free_port, job_env
 
 ROOT = Path(__file__).resolve().parents[2]
