@@ -39,7 +39,8 @@ from _common import write_synthetic_corpus
 
 from ptft_dist.config import DataConfig
 from ptft_dist.corpus import format as sh
-from ptft_dist.stream.dataset import PretrainingStream, StreamingLoader, pack_batch
+from ptft_dist.stream.dataset import PretrainingStream
+from ptft_dist.stream.loader import StreamingLoader, pack_batch
 
 VOCAB = 30522
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from ptft_dist.errors import UserError
+from ptft_dist.fsutil import sha256_file, write_bytes_atomic, write_text_atomic
 
 MAGIC = b"PTFTSHRD"
 FORMAT_VERSION = 1
@@ -55,25 +55,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write-then-rename, so readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- shard bytes
@@ -200,7 +181,8 @@ def decode_shard(buf: bytes | memoryview | np.ndarray, name: str = "<shard>", wi
     need = sum(header["sections"]["tokens"]) if with_tokens else index_span(header)
     if len(mv) < need:
         raise CorpusError(f"{name}: truncated shard ({len(mv)} bytes, expected at least {need})")
-    dtypes = {"doc_offsets": "<u4", "sentence_offsets": "<u4", "doc_ids": "<u8", "tokens": np.dtype(header["token_dtype"]).newbyteorder("<")}
+    dtypes = {"doc_offsets": "<u4", "sentence_offsets": "<u4", "doc_ids": "<u8",
+              "tokens": np.dtype(header["token_dtype"]).newbyteorder("<")}
     arrays = {}
     for sec in _SECTIONS:
         if sec == "tokens" and not with_tokens:
@@ -283,12 +265,7 @@ class ShardWriter:
         rel = f"{self.split}/{self.prefix}-{len(self.shards):05d}.bin"
         path = self.root / rel
         blob = encode_shard(self._docs, self._ids, self.vocab_size)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, blob)
         self.shards.append(
             ShardInfo(
                 path=rel,
@@ -340,17 +317,20 @@ class Manifest:
 
 def write_manifest(corpus_dir: str | Path, manifest: Manifest) -> Path:
     path = Path(corpus_dir) / MANIFEST_NAME
-    atomic_write_text(path, manifest.to_json())
+    write_text_atomic(path, manifest.to_json())
     return path
 
 
-def load_manifest(corpus_dir: str | Path) -> Manifest:
-    """Load a local or remote (fsspec URL) manifest with a clear error for each way it can fail."""
+def load_manifest(corpus_dir: str | Path, storage_options: Optional[dict] = None) -> Manifest:
+    """Load a local or remote (fsspec URL) manifest with a clear error for each way it can fail.
+
+    ``storage_options``: fsspec options for a remote corpus (credentials, endpoints: ``data.storage_options``).
+    """
     import fsspec
 
     url = f"{str(corpus_dir).rstrip('/')}/{MANIFEST_NAME}"
     try:
-        with fsspec.open(url, "rt") as f:
+        with fsspec.open(url, "rt", **(storage_options or {})) as f:
             raw = f.read()
     except FileNotFoundError:
         raise CorpusError(f"{corpus_dir}: not a corpus (no {MANIFEST_NAME}; did `ptft prepare` finish?)") from None

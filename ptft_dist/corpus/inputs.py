@@ -69,42 +69,55 @@ def resolve_sources(specs: list[str]) -> list[Source]:
         if spec.startswith("hf:"):
             parse_hf_spec(spec)  # validates
             sources.append(Source(spec, "hf"))
-            continue
-        try:
-            fs, path = fsspec.core.url_to_fs(spec)
-        except (ImportError, ValueError) as exc:
-            raise InputError(f"{spec}: cannot open this URL ({exc})") from None
-        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-        unstrip = (lambda p: p) if protocol in ("file", "local") else fs.unstrip_protocol
-        try:
-            if _has_glob(path):
-                paths = sorted(fs.glob(path))
-                if not paths:
-                    raise InputError(f"{spec}: the pattern matches no files")
-            elif fs.isdir(path):
-                paths = sorted(p for p in fs.find(path) if _kind_of(p))
-                if not paths:
-                    raise InputError(f"{spec}: folder holds no .txt/.jsonl/.json/.parquet files")
-            elif fs.isfile(path) or (protocol in ("http", "https") and fs.exists(path)):
-                paths = [path]
-            else:
-                raise InputError(f"{spec}: no such file or directory")
-        except InputError:
-            raise
-        except (FileNotFoundError, OSError) as exc:
-            raise InputError(f"{spec}: cannot read ({exc})") from None
-        for p in paths:
-            kind = _kind_of(p)
-            if kind is None:
-                raise InputError(f"{unstrip(p)}: unsupported file type (use .txt, .jsonl, .json, .parquet, optionally .gz/.zst)")
-            try:
-                size = int(fs.size(p) or 0)
-            except Exception:  # some HTTP servers do not report sizes
-                size = 0
-            sources.append(Source(unstrip(p), kind, size))
+        else:
+            sources += _file_sources(spec)
     if not sources:
         raise InputError("no input given")
     return sources
+
+
+def _file_sources(spec: str) -> list[Source]:
+    """The files one local or fsspec spec names, each with its kind and size."""
+    try:
+        fs, path = fsspec.core.url_to_fs(spec)
+    except (ImportError, ValueError) as exc:
+        raise InputError(f"{spec}: cannot open this URL ({exc})") from None
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    unstrip = (lambda p: p) if protocol in ("file", "local") else fs.unstrip_protocol
+    sources = []
+    for p in _expand(fs, path, spec, protocol):
+        kind = _kind_of(p)
+        if kind is None:
+            raise InputError(f"{unstrip(p)}: unsupported file type "
+                             "(use .txt, .jsonl, .json, .parquet, optionally .gz/.zst)")
+        try:
+            size = int(fs.size(p) or 0)
+        except Exception:  # some HTTP servers do not report sizes
+            size = 0
+        sources.append(Source(unstrip(p), kind, size))
+    return sources
+
+
+def _expand(fs, path: str, spec: str, protocol: str) -> list[str]:
+    """A glob's matches, a folder's readable files, or the file itself; never an empty list."""
+    try:
+        if _has_glob(path):
+            paths = sorted(fs.glob(path))
+            if not paths:
+                raise InputError(f"{spec}: the pattern matches no files")
+        elif fs.isdir(path):
+            paths = sorted(p for p in fs.find(path) if _kind_of(p))
+            if not paths:
+                raise InputError(f"{spec}: folder holds no .txt/.jsonl/.json/.parquet files")
+        elif fs.isfile(path) or (protocol in ("http", "https") and fs.exists(path)):
+            paths = [path]
+        else:
+            raise InputError(f"{spec}: no such file or directory")
+    except InputError:
+        raise
+    except (FileNotFoundError, OSError) as exc:
+        raise InputError(f"{spec}: cannot read ({exc})") from None
+    return paths
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
@@ -232,7 +245,9 @@ def read_jsonl(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Itera
                 if cfg.on_bad_json == "skip":
                     counters.bad_json_skipped += 1
                     continue
-                raise InputError(f"{where}: malformed JSON ({exc}); set prepare.on_bad_json=skip to skip such lines") from None
+                raise InputError(
+                    f"{where}: malformed JSON ({exc}); set prepare.on_bad_json=skip to skip such lines"
+                ) from None
             text = _text_of(record, where, cfg.text_field)
             if text:
                 yield text
@@ -248,7 +263,8 @@ def read_parquet(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Ite
             raise InputError(f"{src.url}: not a readable Parquet file ({exc})") from None
         names = pf.schema_arrow.names
         if cfg.text_field not in names:
-            raise InputError(f"{src.url}: no column '{cfg.text_field}' (columns: {', '.join(names[:8])}); set prepare.text_field")
+            raise InputError(f"{src.url}: no column '{cfg.text_field}' (columns: {', '.join(names[:8])}); "
+                             "set prepare.text_field")
         for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 if isinstance(text, str) and text:
@@ -262,7 +278,8 @@ def read_hf(src: Source, cfg: PrepareConfig, counters: ReadCounters, rank: int, 
 
     name, config, split = parse_hf_spec(src.url)
     try:
-        if Path(name).is_dir() and ((Path(name) / "state.json").exists() or (Path(name) / "dataset_dict.json").exists()):
+        saved = Path(name)
+        if saved.is_dir() and ((saved / "state.json").exists() or (saved / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(name)
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
@@ -273,7 +290,8 @@ def read_hf(src: Source, cfg: PrepareConfig, counters: ReadCounters, rank: int, 
         raise InputError(f"{src.url}: cannot load dataset ({type(exc).__name__}: {exc})") from None
     columns = ds.column_names or []
     if columns and cfg.text_field not in columns:
-        raise InputError(f"{src.url}: no column '{cfg.text_field}' (columns: {', '.join(columns[:8])}); set prepare.text_field")
+        raise InputError(f"{src.url}: no column '{cfg.text_field}' (columns: {', '.join(columns[:8])}); "
+                         "set prepare.text_field")
     ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     for i, record in enumerate(ds):
         text = _text_of(record, f"{src.url}[{i}]", cfg.text_field)
@@ -292,7 +310,9 @@ def read_source(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Iter
     raise InputError(f"{src.url}: cannot read kind {src.kind} as a file")
 
 
-def split_sources(sources: list[Source], world_size: int, min_part: int = 8 << 20, max_part: int = 256 << 20) -> list[Source]:
+def split_sources(
+    sources: list[Source], world_size: int, min_part: int = 8 << 20, max_part: int = 256 << 20
+) -> list[Source]:
     """Cut big uncompressed JSONL files into byte ranges, so one huge file still feeds every task."""
     total = sum(s.size for s in sources)
     part = min(max(total // (world_size * 4), min_part), max_part)
@@ -315,7 +335,8 @@ def assign_sources(sources: list[Source], rank: int, world_size: int) -> list[So
     """This task's files (or parts): largest first, greedily to the least-loaded task (deterministic)."""
     loads = [0] * world_size
     mine = []
-    files = sorted((s for s in split_sources(sources, world_size) if not s.is_hf), key=lambda s: (-s.size, s.url, s.start))
+    parts = (s for s in split_sources(sources, world_size) if not s.is_hf)
+    files = sorted(parts, key=lambda s: (-s.size, s.url, s.start))
     for src in files:
         task = min(range(world_size), key=lambda t: (loads[t], t))
         loads[task] += max(src.size, 1)

@@ -29,9 +29,10 @@ from pathlib import Path
 
 from ptft_dist.config import Config, PrepareConfig, config_hash, save_resolved
 from ptft_dist.corpus.inputs import InputError, Source, resolve_sources
+from ptft_dist.corpus.report import REPORT_NAME, WORK_DIR, log_report, stage_metrics, step_counts
+from ptft_dist.log import get_logger
 
-WORK_DIR = ".prepare"
-REPORT_NAME = "prepare_report.json"
+log = get_logger("prepare")
 _STATE = "state.json"
 _OWNED = ("manifest.json", "tokenizer", "train", "validation", WORK_DIR, REPORT_NAME, "resolved_config.yaml")
 
@@ -78,10 +79,9 @@ class _Stage:
 
 
 def build_stages(sources: list[Source], cfg: PrepareConfig, out: Path) -> list[_Stage]:
-    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactFindDedups
-    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
+    """The chain of the module docstring; the dedup stages only for the kinds that are enabled."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
     from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
 
     from ptft_dist.corpus import steps as st
 
@@ -89,6 +89,24 @@ def build_stages(sources: list[Source], cfg: PrepareConfig, out: Path) -> list[_
     tasks = max(1, cfg.workers)
     exact_cfg = ExactDedupConfig(content_getter=st.text_for_exact_hash)
     mh_cfg = minhash_config(cfg)
+    return [
+        _Stage("ingest", _ingest_pipeline(sources, cfg, work, exact_cfg, mh_cfg), tasks),
+        *_duplicate_finding_stages(cfg, work, exact_cfg, mh_cfg),
+        _Stage("dedup", _dedup_pipeline(cfg, work), tasks),
+        _Stage("tokenizer", [st.TrainTokenizer(cfg, str(work / "docs"), str(out / "tokenizer"))], 1),
+        _Stage("encode", [
+            JsonlReader(str(work / "docs"), glob_pattern="*.jsonl", compression=None),
+            st.EncodeShards(cfg, str(out), str(work / "shard_lists"), str(work / "progress" / "encode")),
+        ], tasks),
+        _Stage("finalize", [st.Finalize(cfg, str(out))], 1),
+    ]
+
+
+def _ingest_pipeline(sources: list[Source], cfg: PrepareConfig, work: Path, exact_cfg, mh_cfg) -> list:
+    """read → clean → PII scrub → duplicate signatures (written on the way) → cleaned/*.jsonl."""
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from ptft_dist.corpus import steps as st
 
     ingest = [st.ReadSources(sources, cfg, str(work / "errors"), str(work / "progress" / "ingest")),
               st.CleanAndScrub(cfg)]
@@ -97,25 +115,39 @@ def build_stages(sources: list[Source], cfg: PrepareConfig, out: Path) -> list[_
     if cfg.dedup.near:
         ingest.append(st.MinhashSignaturePassThrough(output_folder=str(work / "minhash_sigs"), config=mh_cfg))
     ingest.append(JsonlWriter(str(work / "cleaned"), output_filename="${rank}.jsonl", compression=None))
-    stages = [_Stage("ingest", ingest, tasks)]
+    return ingest
 
-    dedup = [JsonlReader(str(work / "cleaned"), glob_pattern="*.jsonl", compression=None)]
+
+def _duplicate_finding_stages(cfg: PrepareConfig, work: Path, exact_cfg, mh_cfg) -> list[_Stage]:
+    """The corpus-wide steps between ingest and dedup: exact duplicates, MinHash buckets and clusters."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactFindDedups
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
+
+    stages = []
     if cfg.dedup.exact:
-        stages.append(_Stage("exact", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact_cfg)], 1))
+        find = ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact_cfg)
+        stages.append(_Stage("exact", [find], 1))
     if cfg.dedup.near:
-        stages.append(_Stage("buckets", [MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), config=mh_cfg)], mh_cfg.num_buckets))
-        stages.append(_Stage("cluster", [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), config=mh_cfg)], 1))
-    dedup += [st.DropDuplicates(str(work / "exact_dups") if cfg.dedup.exact else None,
-                                str(work / "minhash_remove") if cfg.dedup.near else None),
-              st.SplitSentences(cfg), JsonlWriter(str(work / "docs"), output_filename="${rank}.jsonl", compression=None)]
-    stages.append(_Stage("dedup", dedup, tasks))
-    stages.append(_Stage("tokenizer", [st.TrainTokenizer(cfg, str(work / "docs"), str(out / "tokenizer"))], 1))
-    stages.append(_Stage("encode", [
-        JsonlReader(str(work / "docs"), glob_pattern="*.jsonl", compression=None),
-        st.EncodeShards(cfg, str(out), str(work / "shard_lists"), str(work / "progress" / "encode")),
-    ], tasks))
-    stages.append(_Stage("finalize", [st.Finalize(cfg, str(out))], 1))
+        buckets = MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), config=mh_cfg)
+        cluster = MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), config=mh_cfg)
+        stages += [_Stage("buckets", [buckets], mh_cfg.num_buckets), _Stage("cluster", [cluster], 1)]
     return stages
+
+
+def _dedup_pipeline(cfg: PrepareConfig, work: Path) -> list:
+    """cleaned/*.jsonl → drop duplicates → sentences, train/validation → docs/*.jsonl."""
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from ptft_dist.corpus import steps as st
+
+    return [
+        JsonlReader(str(work / "cleaned"), glob_pattern="*.jsonl", compression=None),
+        st.DropDuplicates(str(work / "exact_dups") if cfg.dedup.exact else None,
+                          str(work / "minhash_remove") if cfg.dedup.near else None),
+        st.SplitSentences(cfg),
+        JsonlWriter(str(work / "docs"), output_filename="${rank}.jsonl", compression=None),
+    ]
 
 
 def minhash_config(cfg: PrepareConfig):
@@ -169,35 +201,36 @@ def prepare(inputs: list[str], output: str | Path, cfg: Config, overwrite: bool 
     resumed = _claim_output(out, fingerprint, overwrite)
     save_resolved(cfg, out)
     total_mb = sum(s.size for s in sources) / 2**20
-    print(f"ptft prepare: {len(sources)} source(s), {total_mb:.1f} MB → {out}" + (" (resuming)" if resumed else ""),
-          file=sys.stderr)
+    log.info(f"{len(sources)} source(s), {total_mb:.1f} MB → {out}" + (" (resuming)" if resumed else ""))
     stages = build_stages(sources, pcfg, out)
     executors = _executors(stages, pcfg, out)
     _quiet_console_logs()
     if pcfg.executor == "slurm":
         executors[-1].run()  # submits the whole chain through its `depends`
-        print(f"ptft prepare: submitted {len(stages)} dependent SLURM jobs; the corpus is ready when "
-              f"{out / 'manifest.json'} exists (logs: {out / WORK_DIR / 'slurm_logs'})", file=sys.stderr)
+        log.info(f"submitted {len(stages)} dependent SLURM jobs; the corpus is ready when "
+                 f"{out / 'manifest.json'} exists (logs: {out / WORK_DIR / 'slurm_logs'})")
         return out
     for i, (stage, ex) in enumerate(zip(stages, executors), 1):
-        t0 = time.perf_counter()
-        print(f"[{i}/{len(stages)}] {stage.name:<9} ({stage.tasks} task{'s' if stage.tasks > 1 else ''})",
-              file=sys.stderr, flush=True)
-        try:
-            with StageProgress(out / WORK_DIR / "progress" / stage.name, _progress_total(stage.name, sources, out)):
-                ex.run()
-        except Exception as exc:
-            print(" failed", file=sys.stderr)
-            raise _explain_failure(out, stage.name, exc) from None
-        print(f"      done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        if stage.name == "ingest":
-            _check_ingest(out)
-        _record_time(out, stage.name, time.perf_counter() - t0)
+        _run_stage(i, len(stages), stage, ex, sources, out)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # the manifest now vouches for the corpus
-    from ptft_dist.corpus.report import print_report
-
-    print_report(out)
+    log_report(out)
     return out
+
+
+def _run_stage(i: int, n: int, stage: _Stage, executor, sources: list[Source], out: Path) -> None:
+    """One local stage with its progress bar; a failure becomes one clear error (see _explain_failure)."""
+    t0 = time.perf_counter()
+    log.info(f"[{i}/{n}] {stage.name:<9} ({stage.tasks} task{'s' if stage.tasks > 1 else ''})")
+    try:
+        with StageProgress(out / WORK_DIR / "progress" / stage.name, _progress_total(stage.name, sources, out)):
+            executor.run()
+    except Exception as exc:
+        log.info(f"[{i}/{n}] {stage.name} failed")
+        raise _explain_failure(out, stage.name, exc) from None
+    log.info(f"      done in {time.perf_counter() - t0:.1f}s")
+    if stage.name == "ingest":
+        _check_ingest(out)
+    _record_time(out, stage.name, time.perf_counter() - t0)
 
 
 def _progress_total(stage: str, sources: list[Source], out: Path) -> tuple[int, str] | None:
@@ -205,9 +238,7 @@ def _progress_total(stage: str, sources: list[Source], out: Path) -> tuple[int, 
     if stage == "ingest":
         return sum(s.size for s in sources), "B"
     if stage == "encode":
-        from ptft_dist.corpus.report import _pick, _stage_metrics
-
-        counts = _pick(_stage_metrics(out / WORK_DIR, "dedup"), "sentences")
+        counts = step_counts(stage_metrics(out / WORK_DIR, "dedup"), "sentences")
         return counts.get("train_docs", 0) + counts.get("validation_docs", 0), "doc"
     return None
 
@@ -259,12 +290,11 @@ def _quiet_console_logs() -> None:
 
 def _check_ingest(out: Path) -> None:
     """Stop early, before dedup and tokenizer training, when there is nothing to prepare."""
-    from ptft_dist.corpus.report import _pick, _stage_metrics
-
-    counts = _pick(_stage_metrics(out / WORK_DIR, "ingest"), "read")
+    ingest = stage_metrics(out / WORK_DIR, "ingest")
+    counts = step_counts(ingest, "read")
     if not counts.get("input_docs"):
         raise InputError("the inputs contain no documents (empty files?)")
-    if not _pick(_stage_metrics(out / WORK_DIR, "ingest"), "clean+pii").get("clean_docs"):
+    if not step_counts(ingest, "clean+pii").get("clean_docs"):
         raise InputError(f"all {counts['input_docs']} documents were dropped by the cleaning filters "
                          "(see prepare.clean.*)")
 

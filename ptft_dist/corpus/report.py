@@ -1,22 +1,23 @@
 """``prepare_report.json``: what every prepare stage saw, kept and dropped, and how fast.
 
-Counts come from the per-task datatrove stats files, which survive a resumed run, so a report
-after a crash-and-resume still counts every task once.
+Counts come from the per-task datatrove stats files under ``CORPUS/.prepare/`` (:data:`WORK_DIR`),
+which survive a resumed run, so a report after a crash-and-resume still counts every task once.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 from ptft_dist.corpus.format import Manifest, load_manifest
+from ptft_dist.log import get_logger
 
-WORK_DIR = ".prepare"
+WORK_DIR = ".prepare"  # prepare's working state inside the output directory; removed when it finishes
+REPORT_NAME = "prepare_report.json"
 
 
-def _stage_metrics(work: Path, stage: str) -> dict[str, dict[str, float]]:
+def stage_metrics(work: Path, stage: str) -> dict[str, dict[str, float]]:
     """{step name: {metric: total}} summed over the stage's tasks."""
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for path in sorted((work / "logs" / stage / "stats").glob("*.json")):
@@ -26,7 +27,7 @@ def _stage_metrics(work: Path, stage: str) -> dict[str, dict[str, float]]:
     return totals
 
 
-def _pick(metrics: dict[str, dict[str, float]], step: str) -> dict[str, int]:
+def step_counts(metrics: dict[str, dict[str, float]], step: str) -> dict[str, int]:
     """Metrics of our step called ``step`` (datatrove names steps "TYPE: name")."""
     found = next((v for k, v in metrics.items() if k == step or k.endswith(f": {step}")), {})
     return {k: int(v) for k, v in found.items()}
@@ -34,12 +35,12 @@ def _pick(metrics: dict[str, dict[str, float]], step: str) -> dict[str, int]:
 
 def build_report(root: Path, manifest: Manifest) -> dict:
     work = root / WORK_DIR
-    ingest = _stage_metrics(work, "ingest")
-    dedup = _stage_metrics(work, "dedup")
-    read = _pick(ingest, "read")
-    clean = _pick(ingest, "clean+pii")
-    removed = _pick(dedup, "dedup")
-    sentences = _pick(dedup, "sentences")
+    ingest = stage_metrics(work, "ingest")
+    dedup = stage_metrics(work, "dedup")
+    read = step_counts(ingest, "read")
+    clean = step_counts(ingest, "clean+pii")
+    removed = step_counts(dedup, "dedup")
+    sentences = step_counts(dedup, "sentences")
     times_path = work / "times.json"
     seconds = json.loads(times_path.read_text()) if times_path.exists() else {}
     input_mb = read.get("input_bytes", 0) / 2**20
@@ -63,16 +64,18 @@ def build_report(root: Path, manifest: Manifest) -> dict:
     return report
 
 
-def print_report(corpus_dir: str | Path, file=sys.stderr) -> None:
-    """The summary table printed at the end of ``ptft prepare``."""
+def log_report(corpus_dir: str | Path) -> None:
+    """The summary table logged at the end of ``ptft prepare``."""
     root = Path(corpus_dir)
-    r = json.loads((root / "prepare_report.json").read_text())
+    r = json.loads((root / REPORT_NAME).read_text())
     m = load_manifest(root)
+    read, dropped = r["read"], r["clean"]["dropped"]
     rows = [
-        ("read", f"{r['read']['documents']:,} docs from {r['read']['files']} file part(s), {r['read']['megabytes']:.1f} MB"
-                 + (f", {r['read']['decode_replaced']} undecodable repaired" if r["read"]["decode_replaced"] else "")
-                 + (f", {r['read']['bad_json_skipped']} bad JSON lines skipped" if r["read"]["bad_json_skipped"] else "")),
-        ("clean", f"{r['clean']['kept']:,} kept; dropped " + (", ".join(f"{k} {v}" for k, v in r["clean"]["dropped"].items()) or "none")),
+        ("read", f"{read['documents']:,} docs from {read['files']} file part(s), {read['megabytes']:.1f} MB"
+                 + (f", {read['decode_replaced']} undecodable repaired" if read["decode_replaced"] else "")
+                 + (f", {read['bad_json_skipped']} bad JSON lines skipped" if read["bad_json_skipped"] else "")),
+        ("clean", f"{r['clean']['kept']:,} kept; dropped "
+                  + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none")),
         ("pii", ", ".join(f"{k} {v}" for k, v in r["pii"].items()) or "none found"),
         ("dedup", f"exact -{r['dedup']['exact_removed']}, near -{r['dedup']['near_removed']}"),
         ("sentences", f"{r['sentences']['documents']:,} docs, {r['sentences']['sentences']:,} sentences"),
@@ -84,6 +87,5 @@ def print_report(corpus_dir: str | Path, file=sys.stderr) -> None:
     if r.get("throughput_mb_per_s"):
         rows.append(("time", f"{sum(r['seconds'].values()):.1f}s, {r['throughput_mb_per_s']:.2f} MB/s of raw text"))
     width = max(len(k) for k, _ in rows)
-    print(f"\nprepared corpus: {root}", file=file)
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}", file=file)
+    table = "".join(f"\n  {k:<{width}}  {v}" for k, v in rows)
+    get_logger("prepare").info(f"prepared corpus: {root}{table}")

@@ -23,6 +23,7 @@ from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
 from ptft_dist.config import PrepareConfig
 from ptft_dist.corpus.inputs import InputError, ReadCounters, Source, assign_sources, read_hf, read_source
+from ptft_dist.fsutil import write_text_atomic
 
 
 def doc_hash(text: str, seed: int = 0) -> int:
@@ -341,16 +342,16 @@ class EncodeShards(PipelineStep):
         flush()
         _maybe_fail("encode", rank)
         lists = {split: [asdict_shard(s) for s in w.close()] for split, w in writers.items()}
-        os.makedirs(self.lists_dir, exist_ok=True)
-        out = Path(self.lists_dir, f"{rank:05d}.json")
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(lists))
-        tmp.replace(out)
+        write_text_atomic(Path(self.lists_dir, f"{rank:05d}.json"), json.dumps(lists))
         return iter(())
 
 
 def asdict_shard(info) -> dict:
     return asdict(info)
+
+
+# Intermediate folders under WORK_DIR that the manifest makes redundant (task logs and stats stay).
+_BULKY = ("cleaned", "docs", "exact_sigs", "exact_dups", "minhash_sigs", "minhash_buckets", "minhash_remove")
 
 
 class Finalize(PipelineStep):
@@ -366,11 +367,11 @@ class Finalize(PipelineStep):
     def run(self, data, rank: int = 0, world_size: int = 1):
         from ptft_dist.config import config_hash
         from ptft_dist.corpus import format as sh
-        from ptft_dist.corpus.report import build_report
+        from ptft_dist.corpus.report import REPORT_NAME, WORK_DIR, build_report
         from ptft_dist.corpus.tokenizer import special_token_ids, vocab_size
 
         root = Path(self.corpus_dir)
-        work = root / ".prepare"
+        work = root / WORK_DIR
         splits: dict[str, list[dict]] = {"train": [], "validation": []}
         for path in sorted((work / "shard_lists").glob("*.json")):
             for split, items in json.loads(path.read_text()).items():
@@ -394,10 +395,10 @@ class Finalize(PipelineStep):
             config_hash=config_hash(self.cfg),
         )
         report = build_report(root, manifest)
-        sh.atomic_write_text(root / "prepare_report.json", json.dumps(report, indent=2))
+        write_text_atomic(root / REPORT_NAME, json.dumps(report, indent=2))
         _maybe_fail("finalize", rank)
         sh.write_manifest(root, manifest)
-        for bulky in ("cleaned", "docs", "exact_sigs", "exact_dups", "minhash_sigs", "minhash_buckets", "minhash_remove"):
+        for bulky in _BULKY:
             shutil.rmtree(work / bulky, ignore_errors=True)
         return iter(())
 

@@ -1,15 +1,21 @@
 """The corpus tokenizer: trained WordPiece (HF ``tokenizers``) or an adopted HF tokenizer directory.
 
 Whatever its origin, the tokenizer is saved as a plain Hugging Face tokenizer directory inside
-the corpus, so it travels unchanged into checkpoints and exported models.
+the corpus, so it travels unchanged into checkpoints and exported models. Readers of a corpus
+(the stream, ``ptft inspect``) get its vocabulary back with :func:`load_vocab` and refuse a corpus
+tokenized differently from what the run expects with :func:`check_tokenizer`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Optional
 
 from ptft_dist.config import TokenizerConfig
+from ptft_dist.corpus.format import TOKENIZER_DIR, CorpusError, Manifest, tokenizer_hash
 from ptft_dist.corpus.inputs import InputError
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -75,7 +81,8 @@ def adopt_tokenizer(path: str | Path, out_dir: str | Path) -> None:
         raise InputError(f"prepare.tokenizer.path: {src}: cannot load tokenizer ({exc})") from None
     if not getattr(hf, "is_fast", False):
         raise InputError(f"prepare.tokenizer.path: {src}: needs a fast tokenizer (tokenizer.json)")
-    missing = [t for t in SPECIAL_TOKENS.values() if hf.convert_tokens_to_ids(t) in (None, hf.unk_token_id) and t != "[UNK]"]
+    missing = [t for t in SPECIAL_TOKENS.values()
+               if t != "[UNK]" and hf.convert_tokens_to_ids(t) in (None, hf.unk_token_id)]
     if missing:
         raise InputError(f"prepare.tokenizer.path: {src}: lacks special tokens {missing}")
     hf.save_pretrained(str(out_dir))
@@ -98,3 +105,46 @@ def vocab_size(tokenizer_dir: str | Path) -> int:
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
+def load_vocab(corpus: str, storage_options: Optional[dict] = None) -> list[str]:
+    """Token strings by id from CORPUS/tokenizer (vocab.txt, else tokenizer.json), local or remote."""
+    import fsspec
+
+    base = f"{str(corpus).rstrip('/')}/{TOKENIZER_DIR}"
+    try:
+        with fsspec.open(f"{base}/vocab.txt", "rt", encoding="utf-8", **(storage_options or {})) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        pass
+    try:
+        with fsspec.open(f"{base}/tokenizer.json", "rt", encoding="utf-8", **(storage_options or {})) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CorpusError(f"{base}: no vocab.txt or tokenizer.json") from None
+    vocab = data.get("model", {}).get("vocab")
+    if not isinstance(vocab, dict):
+        raise CorpusError(f"{base}/tokenizer.json: not a WordPiece vocabulary")
+    out: list[str] = [""] * (max(vocab.values()) + 1)
+    for tok, i in vocab.items():
+        out[i] = tok
+    for t in data.get("added_tokens", []):
+        if t["id"] >= len(out):
+            out.extend([""] * (t["id"] + 1 - len(out)))
+        out[t["id"]] = t["content"]
+    return out
+
+
+def check_tokenizer(manifest: Manifest, expected: Optional[str], corpus: str) -> None:
+    """Refuse a corpus whose tokenizer differs from the one the run expects (hash or tokenizer dir)."""
+    if not expected:
+        return
+    want = expected
+    if os.path.isdir(expected):
+        want = tokenizer_hash(expected)
+    if want != manifest.tokenizer_hash:
+        raise CorpusError(
+            f"{corpus}: corpus was tokenized with tokenizer {manifest.tokenizer_hash}, but this run expects "
+            f"tokenizer {want}{f' ({expected})' if want != expected else ''}; re-run `ptft prepare` with the run's "
+            "tokenizer or point the run at a matching corpus"
+        )

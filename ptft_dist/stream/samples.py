@@ -1,11 +1,9 @@
-"""NSP pair construction and MLM masking: pure, vectorised functions of (seed, epoch, sample id).
+"""From a shard's sentences to ``[CLS] A [SEP] B [SEP]`` rows: chunking, NSP pairing, assembly.
 
-Everything random here comes from a counter-based hash (splitmix64 finaliser) of
-``(seed, epoch, sample id, purpose, position)``; there is no generator state to carry, so a
-sample is the same whatever process, rank, worker or batch builds it, and a whole micro-batch is
-processed with a handful of numpy operations (no per-token Python).
-
-The recipe follows Google's ``create_pretraining_data.py`` (BERT paper), made dynamic per epoch:
+Pure, vectorised functions of (seed, epoch, sample id): every random choice is a hash from
+keys.py, so a sample is the same whatever process, rank, worker or batch builds it
+(docs/design.md, guarantee 1). The recipe follows Google's ``create_pretraining_data.py`` (BERT
+paper), made dynamic per epoch:
 
 * **Chunking** (:func:`chunk_sentences`): each document is cut into chunks of consecutive
   sentences; a chunk grows until it holds at least ``target`` tokens or the document ends.
@@ -21,234 +19,33 @@ The recipe follows Google's ``create_pretraining_data.py`` (BERT paper), made dy
   ``max_seq_len - 3`` tokens exactly as ``truncate_seq_pair`` does (longer side first, each
   removed token from the front or the back with probability 1/2), computed in closed form.
 * **MLM-only** (``nsp=False``, RoBERTa-style): the whole chunk is one segment, ``[CLS] x [SEP]``.
-* **Masking** (:func:`mask_batch`): ``round(p * candidates)`` positions per sequence (at least
-  one), chosen uniformly among non-special tokens (or among whole words: a ``##`` piece is masked
-  with its word); 80% → ``[MASK]``, 10% → a random non-special token, 10% unchanged. Labels hold
-  the original id at chosen positions and -100 elsewhere.
+* **Masking** happens afterwards, on the assembled batch (masking.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from ptft_dist.stream.keys import (
+    S_IS_NEXT,
+    S_PARTNER,
+    S_PARTNER_START,
+    S_SPLIT,
+    S_TARGET,
+    S_TARGET_LEN,
+    S_TRUNC_A,
+    S_TRUNC_A2,
+    S_TRUNC_B,
+    S_TRUNC_B2,
+    binomial_half,
+    uniform,
+)
+from ptft_dist.stream.masking import IGNORE_INDEX
+from ptft_dist.stream.spec import SampleSpec, SpecialIds
+
 IS_NEXT, NOT_NEXT = 0, 1  # Hugging Face convention: 0 = B continues A, 1 = B is random
-
-_U64 = np.uint64
-_M1 = _U64(0xBF58476D1CE4E5B9)
-_M2 = _U64(0x94D049BB133111EB)
-_GOLDEN = _U64(0x9E3779B97F4A7C15)
-_MASK64 = (1 << 64) - 1
-
-# One stream constant per purpose, so different decisions never share random numbers.
-S_TARGET, S_TARGET_LEN, S_SPLIT, S_IS_NEXT, S_PARTNER, S_PARTNER_START = 1, 2, 3, 4, 5, 6
-S_TRUNC_A, S_TRUNC_B, S_TRUNC_A2, S_TRUNC_B2 = 7, 8, 9, 10
-S_MASK_SCORE, S_MASK_ACTION, S_MASK_RANDOM, S_WORD_SCORE = 11, 12, 13, 14
-S_SHARD, S_SAMPLE = 15, 16
-
-
-# --------------------------------------------------------------------------- counter-based RNG
-
-
-def mix64(x: np.ndarray | int) -> np.ndarray:
-    """splitmix64 finaliser: a bijective uint64 → uint64 hash with full avalanche (elementwise)."""
-    x = np.array(x, dtype=_U64)  # a copy: updated in place below
-    if x.ndim == 0:  # numpy scalars warn on (intended) wrap-around; arrays do not
-        with np.errstate(over="ignore"):
-            x = x ^ (x >> _U64(30))
-            x = x * _M1
-            x = x ^ (x >> _U64(27))
-            x = x * _M2
-            return np.asarray(x ^ (x >> _U64(31)))
-    x ^= x >> _U64(30)
-    x *= _M1
-    x ^= x >> _U64(27)
-    x *= _M2
-    x ^= x >> _U64(31)
-    return x
-
-
-def _u64(v: int | np.ndarray) -> np.ndarray:
-    if isinstance(v, np.ndarray):
-        return v.astype(np.int64, copy=False).view(_U64) if v.dtype.kind == "i" else v.astype(_U64, copy=False)
-    return np.asarray(int(v) & _MASK64, dtype=_U64)
-
-
-def derive_key(*parts: int | np.ndarray) -> np.ndarray:
-    """Hash a tuple of integers (scalars or broadcastable arrays) into a uint64 key."""
-    h = np.asarray(0x6A09E667F3BCC908, dtype=_U64)
-    with np.errstate(over="ignore"):
-        for p in parts:
-            h = mix64(h ^ mix64(_u64(p) + _GOLDEN))
-    return h
-
-
-_PREFIX: dict[tuple[int, int], np.ndarray] = {}
-
-
-def sample_keys(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
-    """The random key of each sample: a function of (seed, epoch, sample id) only.
-
-    Equal to ``derive_key(seed, epoch, S_SAMPLE, ids)``; the scalar prefix is memoised.
-    """
-    prefix = _PREFIX.get((seed, epoch))
-    if prefix is None:
-        if len(_PREFIX) > 64:
-            _PREFIX.clear()
-        prefix = _PREFIX[(seed, epoch)] = derive_key(seed, epoch, S_SAMPLE)
-    with np.errstate(over="ignore"):
-        return mix64(prefix ^ mix64(_u64(np.asarray(ids, dtype=np.int64)) + _GOLDEN))
-
-
-def shard_key(seed: int, epoch: int, shard: int) -> np.ndarray:
-    return derive_key(seed, epoch, S_SHARD, shard)
-
-
-_SALTS: dict[int, np.uint64] = {}
-
-
-def _salt(stream: int) -> np.uint64:
-    s = _SALTS.get(stream)
-    if s is None:
-        with np.errstate(over="ignore"):
-            s = _SALTS[stream] = _U64(mix64(np.asarray(stream, dtype=_U64) * _GOLDEN + _U64(0x632BE59BD9B4E019)))
-    return s
-
-
-def hash_streams(keys: np.ndarray, stream: int, counters: Optional[np.ndarray] = None) -> np.ndarray:
-    """uint64 hashes of (key, stream) or, with ``counters`` (broadcast against ``keys``), (key, stream, counter)."""
-    salt = _salt(stream)
-    if counters is None:
-        return mix64(keys ^ salt)
-    c = _u64(np.asarray(counters))
-    if c.ndim == 0:
-        with np.errstate(over="ignore"):
-            c = mix64(c * _GOLDEN + salt)
-    else:
-        c = c * _GOLDEN
-        c += salt
-        c = mix64(c)
-    return mix64(keys ^ c)
-
-
-def to_unit(h: np.ndarray) -> np.ndarray:
-    """uint64 hashes → float64 uniforms in [0, 1)."""
-    return (h >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def uniform(keys: np.ndarray, stream: int, counters: Optional[np.ndarray] = None) -> np.ndarray:
-    return to_unit(hash_streams(keys, stream, counters))
-
-
-try:  # numpy >= 2.0
-    _bitcount = np.bitwise_count
-
-    def popcount64(x: np.ndarray) -> np.ndarray:
-        return _bitcount(x).astype(np.int64)
-
-except AttributeError:  # pragma: no cover - numpy 1.x
-    _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-
-    def popcount64(x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=_U64)
-        return _POP8[x.view(np.uint8).reshape(*x.shape, 8)].sum(-1)
-
-
-def binomial_half(n: np.ndarray, keys: np.ndarray, stream: int, stream2: int) -> np.ndarray:
-    """Binomial(n, 1/2) per element: exact (popcount of n random bits) for n <= 64, normal beyond."""
-    n = np.asarray(n, dtype=np.int64)
-    out = np.zeros(n.shape, dtype=np.int64)
-    if not n.any():
-        return out
-    h = hash_streams(keys, stream)
-    small = n <= 64
-    shift = np.minimum(n, 63).astype(_U64)
-    bits = np.where(n >= 64, _U64(_MASK64), (_U64(1) << shift) - _U64(1))
-    out = np.where(small, popcount64(h & bits), 0)
-    if not small.all():
-        u1 = np.maximum(to_unit(h), 1e-300)
-        u2 = uniform(keys, stream2)
-        z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-        approx = np.clip(np.rint(n / 2.0 + 0.5 * np.sqrt(n) * z), 0, n).astype(np.int64)
-        out = np.where(small, out, approx)
-    return out
-
-
-# --------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    pad: int
-    cls: int
-    sep: int
-    mask: int
-    unk: int = -1
-
-    @classmethod
-    def from_manifest(cls, special_tokens: dict) -> SpecialIds:
-        def get(*names: str, default: Optional[int] = None) -> int:
-            for n in names:
-                for key in (n, f"[{n.upper()}]", n.upper()):
-                    if key in special_tokens:
-                        return int(special_tokens[key])
-            if default is None:
-                raise KeyError(f"special token '{names[0]}' missing from manifest (has: {sorted(special_tokens)})")
-            return default
-
-        return cls(pad=get("pad"), cls=get("cls"), sep=get("sep"), mask=get("mask"), unk=get("unk", default=-1))
-
-    def all(self) -> list[int]:
-        return [i for i in (self.pad, self.cls, self.sep, self.mask, self.unk) if i >= 0]
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """What defines a sample (everything except the corpus and the randomness keys)."""
-
-    max_seq_len: int = 128
-    nsp: bool = True
-    short_seq_prob: float = 0.1
-    mlm_probability: float = 0.15
-    mask_replace_prob: float = 0.8
-    random_replace_prob: float = 0.1
-    whole_word_mask: bool = False
-    max_predictions_per_seq: int = 0  # 0 = no cap
-
-    def __post_init__(self) -> None:
-        if self.max_seq_len < (5 if self.nsp else 3):
-            raise ValueError(f"max_seq_len {self.max_seq_len} too small")
-        if not 0.0 <= self.mlm_probability <= 1.0:
-            raise ValueError(f"mlm_probability {self.mlm_probability} not in [0, 1]")
-        if self.mask_replace_prob < 0 or self.random_replace_prob < 0 or (
-            self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9
-        ):
-            raise ValueError("mask_replace_prob + random_replace_prob must be in [0, 1]")
-
-    @property
-    def max_num_tokens(self) -> int:
-        """Content tokens per sample (without [CLS]/[SEP])."""
-        return self.max_seq_len - (3 if self.nsp else 2)
-
-    @classmethod
-    def from_config(cls, cfg) -> SampleSpec:
-        return cls(
-            max_seq_len=cfg.max_seq_len,
-            nsp=cfg.nsp,
-            short_seq_prob=cfg.short_seq_prob,
-            mlm_probability=cfg.mlm_probability,
-            mask_replace_prob=cfg.mask_replace_prob,
-            random_replace_prob=cfg.random_replace_prob,
-            whole_word_mask=cfg.whole_word_mask,
-            max_predictions_per_seq=getattr(cfg, "max_predictions_per_seq", 0),
-        )
-
-    def chunk_params(self) -> tuple:
-        """The parameters that decide the chunking (hence the sample count) of an epoch."""
-        return (self.max_num_tokens, round(self.short_seq_prob, 9))
 
 
 # --------------------------------------------------------------------------- chunking
@@ -467,96 +264,3 @@ def assemble(
         col = np.arange(L, dtype=np.int64)[None, :]
         out_types[rows] = ((col >= 2 + la[:, None]) & (col < length[:, None])).astype(out_types.dtype)
     return length
-
-
-# --------------------------------------------------------------------------- masking
-
-
-def mask_batch(
-    input_ids: np.ndarray,
-    lengths: np.ndarray,
-    keys: np.ndarray,
-    spec: SampleSpec,
-    specials: SpecialIds,
-    random_ids: np.ndarray,
-    is_continuation: Optional[np.ndarray] = None,
-    candidates: Optional[np.ndarray] = None,
-) -> np.ndarray:
-    """Dynamic MLM masking of a padded batch in place; returns labels (-100 where not predicted).
-
-    ``random_ids``: the ids a "random token" replacement draws from (the non-special vocabulary).
-    ``is_continuation[v]``: True for WordPiece ``##`` pieces (needed for whole-word masking).
-    Randomness depends only on (key, position in the sample), never on the batch or its padding.
-    """
-    B, L = input_ids.shape
-    labels = np.full((B, L), IGNORE_INDEX, dtype=np.int64)
-    if B == 0 or L == 0 or spec.mlm_probability <= 0:
-        return labels
-    pos = np.arange(L, dtype=np.int64)
-    if candidates is None:
-        cand = pos[None, :] < np.asarray(lengths)[:, None]
-        for t in specials.all():
-            cand &= input_ids != t
-    else:
-        cand = candidates
-    n_cand = cand.sum(axis=1)
-    k = np.floor(n_cand * spec.mlm_probability + 0.5).astype(np.int64)
-    k = np.where(n_cand > 0, np.maximum(k, 1), 0)
-    if spec.max_predictions_per_seq > 0:
-        k = np.minimum(k, spec.max_predictions_per_seq)
-    keys2 = keys[:, None]
-    big = np.int64(1) << np.int64(62)
-    if spec.whole_word_mask and is_continuation is not None:
-        cont = is_continuation[np.clip(input_ids, 0, len(is_continuation) - 1)] & cand
-        prev_cand = np.zeros_like(cand)
-        prev_cand[:, 1:] = cand[:, :-1]
-        start = cand & ~(cont & prev_cand)
-        word = np.cumsum(start, axis=1) - 1
-        score = np.where(cand, (hash_streams(keys2, S_WORD_SCORE, word) >> _U64(2)).astype(np.int64), big)
-        order = np.argsort(score, axis=1, kind="stable")
-        s_sorted = np.take_along_axis(score, order, axis=1)
-        c_sorted = np.take_along_axis(cand, order, axis=1)
-        cnt = np.cumsum(c_sorted, axis=1)
-        boundary = np.ones((B, L), dtype=bool)
-        boundary[:, :-1] = s_sorted[:, 1:] != s_sorted[:, :-1]
-        end_cnt = np.where(boundary, cnt, np.iinfo(np.int64).max)
-        end_cnt = np.minimum.accumulate(end_cnt[:, ::-1], axis=1)[:, ::-1]
-        sel_sorted = c_sorted & ((end_cnt <= k[:, None]) | (end_cnt == end_cnt[:, :1]))
-        sel_sorted &= k[:, None] > 0
-        selected = np.zeros((B, L), dtype=bool)
-        np.put_along_axis(selected, order, sel_sorted, axis=1)
-    else:
-        score = np.where(cand, (hash_streams(keys2, S_MASK_SCORE, pos[None, :]) >> _U64(2)).astype(np.int64), big)
-        order = np.argsort(score, axis=1)
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(pos, (B, L)), axis=1)
-        selected = (rank < k[:, None]) & cand
-    rows, cols = np.nonzero(selected)
-    labels[rows, cols] = input_ids[rows, cols]
-    act = uniform(keys[rows], S_MASK_ACTION, cols)
-    to_mask = act < spec.mask_replace_prob
-    to_rand = (~to_mask) & (act < spec.mask_replace_prob + spec.random_replace_prob)
-    input_ids[rows[to_mask], cols[to_mask]] = specials.mask
-    if to_rand.any() and len(random_ids):
-        rr, rc = rows[to_rand], cols[to_rand]
-        pick = (uniform(keys[rr], S_MASK_RANDOM, rc) * len(random_ids)).astype(np.int64)
-        input_ids[rr, rc] = random_ids[np.minimum(pick, len(random_ids) - 1)]
-    return labels
-
-
-def random_token_ids(vocab_size: int, specials: SpecialIds, extra_special: Optional[list[int]] = None) -> np.ndarray:
-    """The ids a random replacement may draw: the vocabulary minus special tokens."""
-    ok = np.ones(vocab_size, dtype=bool)
-    for t in specials.all() + list(extra_special or []):
-        if 0 <= t < vocab_size:
-            ok[t] = False
-    return np.nonzero(ok)[0].astype(np.int64)
-
-
-def continuation_flags(vocab: list[str], vocab_size: int) -> np.ndarray:
-    """``flags[id]`` = token ``id`` is a WordPiece continuation piece (``##...``)."""
-    flags = np.zeros(max(vocab_size, len(vocab)), dtype=bool)
-    for i, tok in enumerate(vocab):
-        if tok is not None and tok.startswith("##") and len(tok) > 2:
-            flags[i] = True
-    return flags

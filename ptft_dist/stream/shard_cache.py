@@ -33,6 +33,7 @@ from typing import Optional
 import numpy as np
 
 from ptft_dist.corpus.format import CorpusError, ShardData, ShardInfo, decode_shard, index_span, parse_header
+from ptft_dist.fsutil import sha256_file
 
 try:
     import fcntl
@@ -254,7 +255,7 @@ class ShardCache:
             mtime = self._check_local_size(info, path)
             key = (str(path), info.bytes, mtime)
             if self.verify and key not in self._verified:
-                digest = _sha256_path(path)
+                digest = sha256_file(path)
                 if digest != info.sha256:
                     raise CorpusError(
                         f"{path}: checksum mismatch (sha256 {digest[:16]}..., manifest {info.sha256[:16]}...): "
@@ -420,11 +421,3 @@ class ShardCache:
         if errors:
             raise errors[0]
         return [self.open(i) for i in infos]
-
-
-def _sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()

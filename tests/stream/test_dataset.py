@@ -1,4 +1,4 @@
-"""Streaming loader (ptft_dist/stream/dataset.py): exactly-once, equal steps, worker-independence,
+"""Streaming loader (ptft_dist/stream/dataset.py, loader.py): exactly-once, equal steps, worker-independence,
 O(1) resume, elastic resume, validation stream, packed form, bad-input handling, inspect."""
 
 from __future__ import annotations
@@ -16,18 +16,17 @@ from hypothesis import strategies as st
 
 from ptft_dist.config import DataConfig
 from ptft_dist.corpus.format import CorpusError, tokenizer_hash
-from ptft_dist.inspect_samples import print_samples
-from ptft_dist.stream import samples as S
-from ptft_dist.stream.dataset import (
+from ptft_dist.inspection import print_samples
+from ptft_dist.stream.dataset import PretrainingStream, to_torch
+from ptft_dist.stream.loader import (
     BATCH_KEYS,
-    PretrainingStream,
     StreamingLoader,
     build_train_loader,
     build_validation_loader,
     pack_batch,
-    to_torch,
     unpack_batch,
 )
+from ptft_dist.stream.masking import IGNORE_INDEX
 from tests.corpus_factory import flip_byte, make_corpus
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -407,7 +406,7 @@ def test_padding_sample_format():
     (b,) = list(ds.iter_numpy())
     assert b["sample_ids"].tolist() == [-1]
     assert b["input_ids"].tolist() == [[2, 3]] and b["attention_mask"].tolist() == [[1, 1]]
-    assert (b["labels"] == S.IGNORE_INDEX).all() and b["next_sentence_label"].tolist() == [-100]
+    assert (b["labels"] == IGNORE_INDEX).all() and b["next_sentence_label"].tolist() == [-100]
 
 
 def test_all_combinations_smoke():

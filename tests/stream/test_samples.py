@@ -1,4 +1,4 @@
-"""NSP pair construction and MLM masking (ptft_dist/stream/samples.py): exact algorithms and statistics."""
+"""NSP pairs and MLM masking (ptft_dist/stream/samples.py, masking.py, keys.py): exact algorithms, statistics."""
 
 from __future__ import annotations
 
@@ -8,12 +8,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptft_dist.config import DataConfig
-from ptft_dist.stream import samples as S
 from ptft_dist.stream.dataset import PretrainingStream
+from ptft_dist.stream.keys import (
+    S_MASK_SCORE,
+    S_TARGET,
+    S_TARGET_LEN,
+    S_TRUNC_A,
+    S_TRUNC_A2,
+    binomial_half,
+    sample_keys,
+    shard_key,
+    uniform,
+)
+from ptft_dist.stream.masking import IGNORE_INDEX, mask_batch, random_token_ids
+from ptft_dist.stream.samples import IS_NEXT, NOT_NEXT, chunk_sentences, truncate_lengths, truncate_lengths_reference
+from ptft_dist.stream.spec import SampleSpec, SpecialIds
 from tests.corpus_factory import make_corpus
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SPECIALS = S.SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
+SPECIALS = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
 
 
 # --------------------------------------------------------------------------- RNG
@@ -21,14 +34,14 @@ SPECIALS = S.SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4)
 
 def test_hash_rng_is_pinned():
     """The hash defines every sample; changing it silently changes resumed runs' data."""
-    keys = S.sample_keys(42, 0, np.arange(3))
+    keys = sample_keys(42, 0, np.arange(3))
     assert keys.dtype == np.uint64
-    assert keys.tolist() == S.sample_keys(42, 0, np.array([0, 1, 2])).tolist()
+    assert keys.tolist() == sample_keys(42, 0, np.array([0, 1, 2])).tolist()
     assert len(set(keys.tolist())) == 3
-    assert S.sample_keys(42, 1, np.arange(3)).tolist() != keys.tolist()
-    assert S.sample_keys(43, 0, np.arange(3)).tolist() != keys.tolist()
+    assert sample_keys(42, 1, np.arange(3)).tolist() != keys.tolist()
+    assert sample_keys(43, 0, np.arange(3)).tolist() != keys.tolist()
     assert [int(k) for k in keys] == [int(k) for k in PINNED_KEYS], [hex(int(k)) for k in keys]
-    u = S.uniform(keys[:, None], S.S_MASK_SCORE, np.arange(1000)[None, :])
+    u = uniform(keys[:, None], S_MASK_SCORE, np.arange(1000)[None, :])
     assert u.min() >= 0 and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.02
 
@@ -37,9 +50,9 @@ PINNED_KEYS = [0x29A124495B7F4218, 0xB4B54BDE963C774D, 0xADF74942A0898FDB]
 
 
 def test_binomial_half_moments():
-    keys = S.sample_keys(1, 2, np.arange(20000))
+    keys = sample_keys(1, 2, np.arange(20000))
     for n in (0, 1, 7, 64, 65, 300):
-        x = S.binomial_half(np.full(len(keys), n), keys, S.S_TRUNC_A, S.S_TRUNC_A2)
+        x = binomial_half(np.full(len(keys), n), keys, S_TRUNC_A, S_TRUNC_A2)
         assert x.min() >= 0 and x.max() <= n
         assert abs(x.mean() - n / 2) < 0.05 + 0.03 * n
         if n:
@@ -52,8 +65,8 @@ def test_binomial_half_moments():
 @given(st.integers(0, 300), st.integers(0, 300), st.integers(2, 300))
 @FAST
 def test_truncate_lengths_matches_bert_loop(la, lb, m):
-    a, b = S.truncate_lengths(np.array([la]), np.array([lb]), m)
-    assert (int(a[0]), int(b[0])) == S.truncate_lengths_reference(la, lb, m)
+    a, b = truncate_lengths(np.array([la]), np.array([lb]), m)
+    assert (int(a[0]), int(b[0])) == truncate_lengths_reference(la, lb, m)
 
 
 def _reference_chunks(cs, doc_off, targets):
@@ -83,12 +96,12 @@ def test_chunking_is_bert_greedy(doc_sent_lens, max_tokens, short_prob, seed):
     lens = [n for d in doc_sent_lens for n in d]
     cs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     doc_off = np.concatenate([[0], np.cumsum([len(d) for d in doc_sent_lens])]).astype(np.int64)
-    key = S.shard_key(seed, 3, 1)
-    st_, en, tg = S.chunk_sentences(cs, doc_off, key, max_tokens, short_prob)
+    key = shard_key(seed, 3, 1)
+    st_, en, tg = chunk_sentences(cs, doc_off, key, max_tokens, short_prob)
     # targets as drawn for each start sentence
     s = np.arange(len(lens))
-    short = S.uniform(key, S.S_TARGET, s) < short_prob
-    t_all = np.where(short & (max_tokens > 2), 2 + (S.uniform(key, S.S_TARGET_LEN, s) * (max_tokens - 1)).astype(int),
+    short = uniform(key, S_TARGET, s) < short_prob
+    t_all = np.where(short & (max_tokens > 2), 2 + (uniform(key, S_TARGET_LEN, s) * (max_tokens - 1)).astype(int),
                      max_tokens)
     ref = _reference_chunks(cs, doc_off, t_all)
     assert list(zip(st_.tolist(), en.tolist(), tg.tolist())) == [(a, b, int(c)) for a, b, c in ref]
@@ -100,10 +113,10 @@ def test_chunking_depends_on_epoch():
     lens = rng.integers(3, 30, size=400)
     cs = np.concatenate([[0], np.cumsum(lens)])
     doc_off = np.array([0, 150, 400])
-    a = S.chunk_sentences(cs, doc_off, S.shard_key(1, 0, 0), 64, 0.3)[0]
-    b = S.chunk_sentences(cs, doc_off, S.shard_key(1, 1, 0), 64, 0.3)[0]
+    a = chunk_sentences(cs, doc_off, shard_key(1, 0, 0), 64, 0.3)[0]
+    b = chunk_sentences(cs, doc_off, shard_key(1, 1, 0), 64, 0.3)[0]
     assert a.tolist() != b.tolist()
-    assert a.tolist() == S.chunk_sentences(cs, doc_off, S.shard_key(1, 0, 0), 64, 0.3)[0].tolist()
+    assert a.tolist() == chunk_sentences(cs, doc_off, shard_key(1, 0, 0), 64, 0.3)[0].tolist()
 
 
 # --------------------------------------------------------------------------- masking
@@ -124,13 +137,13 @@ def _random_batch(B=2000, L=128, vocab=1000, seed=0):
 
 
 def test_masking_statistics():
-    spec = S.SampleSpec(max_seq_len=128)
+    spec = SampleSpec(max_seq_len=128)
     ids, lengths = _random_batch()
     orig = ids.copy()
-    keys = S.sample_keys(7, 0, np.arange(len(ids)))
-    rand_ids = S.random_token_ids(1000, SPECIALS)
-    labels = S.mask_batch(ids, lengths, keys, spec, SPECIALS, rand_ids)
-    sel = labels != S.IGNORE_INDEX
+    keys = sample_keys(7, 0, np.arange(len(ids)))
+    rand_ids = random_token_ids(1000, SPECIALS)
+    labels = mask_batch(ids, lengths, keys, spec, SPECIALS, rand_ids)
+    sel = labels != IGNORE_INDEX
     special = np.isin(orig, SPECIALS.all())
     assert not (sel & special).any(), "a special token was chosen"
     assert (labels[sel] == orig[sel]).all()
@@ -156,27 +169,27 @@ def test_masking_statistics():
 
 
 def test_masking_independent_of_batch_and_padding():
-    spec = S.SampleSpec(max_seq_len=128)
+    spec = SampleSpec(max_seq_len=128)
     ids, lengths = _random_batch(B=50, L=100, seed=3)
-    keys = S.sample_keys(7, 0, np.arange(50))
-    rand_ids = S.random_token_ids(1000, SPECIALS)
+    keys = sample_keys(7, 0, np.arange(50))
+    rand_ids = random_token_ids(1000, SPECIALS)
     a = ids.copy()
-    la = S.mask_batch(a, lengths, keys, spec, SPECIALS, rand_ids)
+    la = mask_batch(a, lengths, keys, spec, SPECIALS, rand_ids)
     for i in (0, 17, 49):
         wide = np.full((1, 128), SPECIALS.pad)
         wide[0, :100] = ids[i]
-        lb = S.mask_batch(wide, lengths[i : i + 1], keys[i : i + 1], spec, SPECIALS, rand_ids)
+        lb = mask_batch(wide, lengths[i : i + 1], keys[i : i + 1], spec, SPECIALS, rand_ids)
         assert (wide[0, :100] == a[i]).all() and (lb[0, :100] == la[i]).all()
 
 
 def test_masking_probability_zero_and_cap():
     ids, lengths = _random_batch(B=20)
-    keys = S.sample_keys(0, 0, np.arange(20))
-    r = S.random_token_ids(1000, SPECIALS)
-    lab = S.mask_batch(ids.copy(), lengths, keys, S.SampleSpec(mlm_probability=0.0), SPECIALS, r)
-    assert (lab == S.IGNORE_INDEX).all()
-    lab = S.mask_batch(ids.copy(), lengths, keys, S.SampleSpec(max_predictions_per_seq=3), SPECIALS, r)
-    assert ((lab != S.IGNORE_INDEX).sum(1) <= 3).all()
+    keys = sample_keys(0, 0, np.arange(20))
+    r = random_token_ids(1000, SPECIALS)
+    lab = mask_batch(ids.copy(), lengths, keys, SampleSpec(mlm_probability=0.0), SPECIALS, r)
+    assert (lab == IGNORE_INDEX).all()
+    lab = mask_batch(ids.copy(), lengths, keys, SampleSpec(max_predictions_per_seq=3), SPECIALS, r)
+    assert ((lab != IGNORE_INDEX).sum(1) <= 3).all()
 
 
 def test_whole_word_masking_masks_all_pieces():
@@ -192,10 +205,10 @@ def test_whole_word_masking_masks_all_pieces():
     ids[np.arange(B), lengths - 1] = SPECIALS.sep
     ids[np.arange(L)[None, :] >= lengths[:, None]] = SPECIALS.pad
     orig = ids.copy()
-    spec = S.SampleSpec(whole_word_mask=True)
-    keys = S.sample_keys(1, 0, np.arange(B))
-    labels = S.mask_batch(ids, lengths, keys, spec, SPECIALS, S.random_token_ids(vocab, SPECIALS), is_cont)
-    sel = labels != S.IGNORE_INDEX
+    spec = SampleSpec(whole_word_mask=True)
+    keys = sample_keys(1, 0, np.arange(B))
+    labels = mask_batch(ids, lengths, keys, spec, SPECIALS, random_token_ids(vocab, SPECIALS), is_cont)
+    sel = labels != IGNORE_INDEX
     cand = (np.arange(L)[None, :] < lengths[:, None]) & ~np.isin(orig, SPECIALS.all())
     start = cand & ~is_cont[orig]
     word = np.cumsum(start, axis=1)
@@ -237,7 +250,7 @@ def test_nsp_pairs_are_real_and_balanced(corpus):
         for row, info in enumerate(infos):
             ids = batch["input_ids"][row]
             lab = batch["labels"][row]
-            orig = np.where(lab != S.IGNORE_INDEX, lab, ids)
+            orig = np.where(lab != IGNORE_INDEX, lab, ids)
             length = int(batch["attention_mask"][row].sum())
             types = batch["token_type_ids"][row]
             seps = np.nonzero(orig[:length] == 3)[0]
@@ -255,17 +268,17 @@ def test_nsp_pairs_are_real_and_balanced(corpus):
             assert info["a_doc_id"] == corpus.doc_ids[("train", info["a_shard"])][info["a_doc"]]
             nsp = int(batch["next_sentence_label"][row])
             labels.append(nsp)
-            if nsp == S.IS_NEXT:
+            if nsp == IS_NEXT:
                 assert info["b_doc_id"] == info["a_doc_id"]
                 assert info["b_sentences"][0] == info["a_sentences"][1], "IsNext B must start where A ends"
                 checked_next += 1
             else:
-                assert nsp == S.NOT_NEXT
+                assert nsp == NOT_NEXT
                 assert info["b_doc_id"] != info["a_doc_id"], "NotNext B must come from another document"
                 checked_not += 1
     labels = np.array(labels)
     assert checked_next > 50 and checked_not > 50
-    assert abs((labels == S.IS_NEXT).mean() - 0.5) < 0.08
+    assert abs((labels == IS_NEXT).mean() - 0.5) < 0.08
 
 
 def test_mlm_only_mode(corpus):
@@ -273,12 +286,12 @@ def test_mlm_only_mode(corpus):
     n = ds.num_samples(0)
     pos = np.arange(n)
     batch = ds.batch_at(0, pos)
-    assert (batch["next_sentence_label"] == S.IGNORE_INDEX).all()
+    assert (batch["next_sentence_label"] == IGNORE_INDEX).all()
     assert (batch["token_type_ids"] == 0).all()
     for row, info in enumerate(ds.describe(0, pos)):
         length = int(batch["attention_mask"][row].sum())
         lab = batch["labels"][row]
-        orig = np.where(lab != S.IGNORE_INDEX, lab, batch["input_ids"][row])[:length]
+        orig = np.where(lab != IGNORE_INDEX, lab, batch["input_ids"][row])[:length]
         assert orig[0] == 2 and orig[-1] == 3 and (orig[1:-1] != 3).all()
         assert info["b_sentences"] is None
         fa, ba = info["truncated"][:2]
@@ -305,8 +318,8 @@ def test_whole_word_mask_on_corpus_uses_vocab(corpus):
     assert ds.is_continuation is not None and ds.is_continuation.sum() > 10
     batch = ds.batch_at(0, np.arange(min(200, ds.num_samples(0))))
     lab = batch["labels"]
-    orig = np.where(lab != S.IGNORE_INDEX, lab, batch["input_ids"])
-    sel = lab != S.IGNORE_INDEX
+    orig = np.where(lab != IGNORE_INDEX, lab, batch["input_ids"])
+    sel = lab != IGNORE_INDEX
     cont = ds.is_continuation[orig] & (batch["attention_mask"] == 1)
     # a selected continuation piece's preceding piece is selected too (unless it is [CLS]/[SEP]:
     # truncation can leave a segment starting with a ## piece, which then starts a word)

@@ -345,8 +345,8 @@ def test_local_checksum_verified_once_per_file_version(local_corpus, tmp_path, m
     root = tmp_path / "corpus"
     shutil.copytree(local_corpus, root, ignore=shutil.ignore_patterns("cache"))
     calls = []
-    real = sc._sha256_path
-    monkeypatch.setattr(sc, "_sha256_path", lambda p: calls.append(p) or real(p))
+    real = sc.sha256_file
+    monkeypatch.setattr(sc, "sha256_file", lambda p: calls.append(p) or real(p))
     cache = sc.ShardCache(str(root), cache_dir=str(tmp_path / "c"))
     info = load_manifest(root).shards("train")[0]
     cache.open(info)

@@ -1,0 +1,108 @@
+"""Dynamic MLM masking of a padded batch, the BERT recipe made a pure function of the sample keys.
+
+``round(p * candidates)`` positions per sequence (at least one), chosen uniformly among
+non-special tokens (or among whole words: a ``##`` piece is masked with its word); 80% become
+``[MASK]``, 10% a random non-special token, 10% stay unchanged. Labels hold the original id at the
+chosen positions and :data:`IGNORE_INDEX` elsewhere. Every choice is a hash of (sample key,
+position in the sample), never of the batch or its padding (docs/design.md, guarantee 1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ptft_dist.stream.keys import S_MASK_ACTION, S_MASK_RANDOM, S_MASK_SCORE, S_WORD_SCORE, hash_streams, uniform
+from ptft_dist.stream.spec import SampleSpec, SpecialIds
+
+IGNORE_INDEX = -100  # the label of a position (or an NSP pair) that adds no loss term
+
+def mask_batch(
+    input_ids: np.ndarray,
+    lengths: np.ndarray,
+    keys: np.ndarray,
+    spec: SampleSpec,
+    specials: SpecialIds,
+    random_ids: np.ndarray,
+    is_continuation: Optional[np.ndarray] = None,
+    candidates: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Dynamic MLM masking of a padded batch in place; returns labels (-100 where not predicted).
+
+    ``random_ids``: the ids a "random token" replacement draws from (the non-special vocabulary).
+    ``is_continuation[v]``: True for WordPiece ``##`` pieces (needed for whole-word masking).
+    Randomness depends only on (key, position in the sample), never on the batch or its padding.
+    """
+    B, L = input_ids.shape
+    labels = np.full((B, L), IGNORE_INDEX, dtype=np.int64)
+    if B == 0 or L == 0 or spec.mlm_probability <= 0:
+        return labels
+    pos = np.arange(L, dtype=np.int64)
+    if candidates is None:
+        cand = pos[None, :] < np.asarray(lengths)[:, None]
+        for t in specials.all():
+            cand &= input_ids != t
+    else:
+        cand = candidates
+    n_cand = cand.sum(axis=1)
+    k = np.floor(n_cand * spec.mlm_probability + 0.5).astype(np.int64)
+    k = np.where(n_cand > 0, np.maximum(k, 1), 0)
+    if spec.max_predictions_per_seq > 0:
+        k = np.minimum(k, spec.max_predictions_per_seq)
+    keys2 = keys[:, None]
+    big = np.int64(1) << np.int64(62)
+    if spec.whole_word_mask and is_continuation is not None:
+        cont = is_continuation[np.clip(input_ids, 0, len(is_continuation) - 1)] & cand
+        prev_cand = np.zeros_like(cand)
+        prev_cand[:, 1:] = cand[:, :-1]
+        start = cand & ~(cont & prev_cand)
+        word = np.cumsum(start, axis=1) - 1
+        score = np.where(cand, (hash_streams(keys2, S_WORD_SCORE, word) >> np.uint64(2)).astype(np.int64), big)
+        order = np.argsort(score, axis=1, kind="stable")
+        s_sorted = np.take_along_axis(score, order, axis=1)
+        c_sorted = np.take_along_axis(cand, order, axis=1)
+        cnt = np.cumsum(c_sorted, axis=1)
+        boundary = np.ones((B, L), dtype=bool)
+        boundary[:, :-1] = s_sorted[:, 1:] != s_sorted[:, :-1]
+        end_cnt = np.where(boundary, cnt, np.iinfo(np.int64).max)
+        end_cnt = np.minimum.accumulate(end_cnt[:, ::-1], axis=1)[:, ::-1]
+        sel_sorted = c_sorted & ((end_cnt <= k[:, None]) | (end_cnt == end_cnt[:, :1]))
+        sel_sorted &= k[:, None] > 0
+        selected = np.zeros((B, L), dtype=bool)
+        np.put_along_axis(selected, order, sel_sorted, axis=1)
+    else:
+        score = np.where(cand, (hash_streams(keys2, S_MASK_SCORE, pos[None, :]) >> np.uint64(2)).astype(np.int64), big)
+        order = np.argsort(score, axis=1)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(pos, (B, L)), axis=1)
+        selected = (rank < k[:, None]) & cand
+    rows, cols = np.nonzero(selected)
+    labels[rows, cols] = input_ids[rows, cols]
+    act = uniform(keys[rows], S_MASK_ACTION, cols)
+    to_mask = act < spec.mask_replace_prob
+    to_rand = (~to_mask) & (act < spec.mask_replace_prob + spec.random_replace_prob)
+    input_ids[rows[to_mask], cols[to_mask]] = specials.mask
+    if to_rand.any() and len(random_ids):
+        rr, rc = rows[to_rand], cols[to_rand]
+        pick = (uniform(keys[rr], S_MASK_RANDOM, rc) * len(random_ids)).astype(np.int64)
+        input_ids[rr, rc] = random_ids[np.minimum(pick, len(random_ids) - 1)]
+    return labels
+
+
+def random_token_ids(vocab_size: int, specials: SpecialIds, extra_special: Optional[list[int]] = None) -> np.ndarray:
+    """The ids a random replacement may draw: the vocabulary minus special tokens."""
+    ok = np.ones(vocab_size, dtype=bool)
+    for t in specials.all() + list(extra_special or []):
+        if 0 <= t < vocab_size:
+            ok[t] = False
+    return np.nonzero(ok)[0].astype(np.int64)
+
+
+def continuation_flags(vocab: list[str], vocab_size: int) -> np.ndarray:
+    """``flags[id]`` = token ``id`` is a WordPiece continuation piece (``##...``)."""
+    flags = np.zeros(max(vocab_size, len(vocab)), dtype=bool)
+    for i, tok in enumerate(vocab):
+        if tok is not None and tok.startswith("##") and len(tok) > 2:
+            flags[i] = True
+    return flags
