@@ -73,14 +73,15 @@ def worker(args: argparse.Namespace) -> None:
     """One rank (under the deepspeed launcher): build, two steps, measure, write rank{R}.json."""
     import torch
 
-    from ptft_dist import dist
     from ptft_dist.config import load_config
     from ptft_dist.corpus.format import load_manifest
-    from ptft_dist.engine.deepspeed import build_engine
+    from ptft_dist.dist.discover import discover
+    from ptft_dist.dist.rendezvous import device_for, init_distributed
+    from ptft_dist.engine import build_engine
     from ptft_dist.engine.schedule import lr_lambda
-    from ptft_dist.pretrain.loop import MODEL_INPUTS
-    from ptft_dist.pretrain.model import build_pretrainer, count_parameters
-    from ptft_dist.stream.dataset import build_train_loader
+    from ptft_dist.metrics.parameters import count_parameters
+    from ptft_dist.pretrain.model import build_pretrainer
+    from ptft_dist.stream.loader import MODEL_INPUTS, build_train_loader
 
     stage, off_opt, off_par = CONFIGS[args.config]
     cfg = load_config(None, [
@@ -90,9 +91,9 @@ def worker(args: argparse.Namespace) -> None:
         f"train.offload_optimizer={str(off_opt).lower()}", f"train.offload_params={str(off_par).lower()}",
         "train.precision=fp32", "optim.warmup_steps=1",
     ])
-    env = dist.discover()
-    dist.init_distributed(env)
-    device = dist.device_for(env)
+    env = discover()
+    init_distributed(env)
+    device = device_for(env)
     rss_baseline = _rss_mb()
     torch.manual_seed(0)
     manifest = load_manifest(cfg.data.corpus)

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ptft_dist.checkpoint.manager import CHECKPOINTS_DIR, CheckpointError, find_checkpoint, read_manifest
+from ptft_dist.checkpoint.universal import META_FILE
+from ptft_dist.corpus.format import TOKENIZER_DIR
 from ptft_dist.errors import UserError
+from ptft_dist.fsutil import replace_dir, temp_name
+from ptft_dist.log import get_logger
 
-LATEST = "latest"
+log = get_logger("convert")
 META = "ptft_export.json"
 
 
@@ -41,30 +44,18 @@ class Source:
 
 
 def resolve_checkpoint(path: str | Path) -> Source:
-    """RUN_DIR, RUN_DIR/checkpoints or a step directory → the checkpoint to export."""
-    from ptft_dist.checkpoint.manager import CheckpointError, CheckpointManager
-
-    p = Path(path)
-    if not p.exists():
-        raise ConvertError(f"{p}: no such checkpoint or run directory")
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if (p / LATEST).is_file():
-        tag = (p / LATEST).read_text().strip()
-        p = p / tag
-    elif not any(p.glob("*model_states.pt")) and not (p / "model.safetensors").exists():
-        raise ConvertError(f"{path}: no '{LATEST}' file and no checkpoint files here "
-                           "(give a run directory, its checkpoints/ folder, or a step_N folder)")
+    """RUN_DIR, RUN_DIR/checkpoints or a step directory → the checkpoint to export: the same answer
+    a resume gets (``checkpoint.manager.find_checkpoint``: the verified step dir ``latest`` names)."""
     try:
-        manifest = CheckpointManager.verify(p)
+        step_dir = find_checkpoint(path)
     except CheckpointError as exc:
         raise ConvertError(str(exc)) from None
-    run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
-    return Source(p, run_dir, manifest.get("client", {}))
+    run_dir = step_dir.parent.parent if step_dir.parent.name == CHECKPOINTS_DIR else None
+    return Source(step_dir, run_dir, read_manifest(step_dir).get("client", {}))
 
 
 def _backend_meta(step_dir: Path) -> dict:
-    meta = step_dir / "ptft_meta.json"
+    meta = step_dir / META_FILE
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
@@ -180,95 +171,146 @@ def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite:
     """Export and verify; returns a report (also written into the export as ptft_export.json).
 
     ``random_init`` exports the same architecture and tokenizer with freshly initialised weights
-    (seed 0): the baseline that shows what pretraining bought."""
-    # everything imported before the memory baseline is taken, so the report measures the weights
-    import accelerate.utils  # noqa: F401
-    import deepspeed.utils.zero_to_fp32  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import transformers
-    from transformers import AutoModelForPreTraining, BertConfig, BertForPreTraining, BertForSequenceClassification
-
-    transformers.logging.set_verbosity_error()  # the load report for the classifier head is expected noise
+    (seed 0): the baseline that shows what pretraining bought. Nothing appears at ``output`` unless
+    the export verified (docs/design.md, guarantees 5 and 8)."""
+    _import_heavy_modules()  # before the memory baseline, so the report measures the weights
     t0 = time.time()
     out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"{out}: exists and is not empty; pass --overwrite to replace it")
-    if dtype not in ("fp32", "bf16"):
-        raise ConvertError(f"--dtype: {dtype!r} is not one of fp32, bf16")
+    _check_request(out, dtype, overwrite)
     source = resolve_checkpoint(src)
-    config_dict = source.client.get("model_config")
-    if not config_dict:
-        raise ConvertError(f"{source.step_dir}: the checkpoint manifest has no model_config (not a ptft pretraining run?)")
-    tok_dir = (source.run_dir / "tokenizer") if source.run_dir else None
-    if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
-        raise ConvertError(f"{source.step_dir}: no tokenizer/ beside the checkpoints (expected {tok_dir})")
+    config, tok_dir = _model_config(source), _tokenizer_dir(source)
 
     baseline_mb = _current_rss_mb()
-    config = BertConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
-    config.architectures = ["BertForPreTraining"]
-    torch.manual_seed(0)
-    if random_init:
-        model = BertForPreTraining(config)
-    else:
-        from accelerate import init_empty_weights
-
-        with init_empty_weights():
-            model = BertForPreTraining(config)
-        _load_into(model, consolidated_state_dict(source.step_dir))
-        gc.collect()  # DeepSpeed's flat partitions are garbage once every tensor is materialised
+    model = _build_model(config, source, random_init)
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
     # reference logits now, so the checkpoint model is gone before the export is reloaded:
     # peak memory is then two copies of the weights (model + serialised bytes), never three
     probe = probe_batch(config)
     reference = _logits(model, probe)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(out)
     try:
-        export = model if dtype == "fp32" else model.to(torch.bfloat16)
-        export.save_pretrained(str(tmp), safe_serialization=True)
-        del model, export
+        _save_model(model, tmp, dtype)
+        del model
         gc.collect()
-        for f in tok_dir.iterdir():  # the corpus tokenizer, byte for byte (vocab.txt included)
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-        # verification with plain transformers, no custom code
-        reloaded = AutoModelForPreTraining.from_pretrained(str(tmp), torch_dtype=torch.float32)
-        diff = _max_diff(reference, _logits(reloaded, probe), probe)
-        del reloaded
-        gc.collect()
-        if dtype == "fp32" and diff > 1e-5:  # bf16 exports are rounded on purpose: reported, not checked
-            raise ConvertError(f"verification failed: max |logit difference| {diff:.2e} > 1e-05")
-        cls_model, info = BertForSequenceClassification.from_pretrained(str(tmp), num_labels=2, output_loading_info=True)
-        encoder_missing = [k for k in info["missing_keys"] if not k.startswith("classifier.")]
-        if encoder_missing:
-            raise ConvertError(f"export does not load into BertForSequenceClassification: missing {encoder_missing[:5]}")
-        del cls_model
-        report = {
-            "source": str(source.step_dir.resolve()),
-            "run_dir": str(source.run_dir.resolve()) if source.run_dir else None,
-            "step": source.client.get("step"),
-            "config_hash": source.client.get("config_hash"),
-            "tokenizer_hash": source.client.get("tokenizer_hash"),
-            "corpus": source.client.get("data", {}).get("corpus_fingerprint"),
-            "dtype": dtype,
-            "random_init": random_init,
-            "backend": _backend_meta(source.step_dir),
-            "max_abs_logit_diff": diff,
-            "verified": True,
-            "model_mb_fp32": round(model_bytes / 2**20, 2),
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
-            "peak_rss_over_baseline_mb": round(_peak_rss_mb() - baseline_mb, 1),
-            "peak_rss_over_model_size": round((_peak_rss_mb() - baseline_mb) / max(model_bytes / 2**20, 1e-9), 2),
-            "seconds": round(time.time() - t0, 2),
-        }
+        _copy_tokenizer(tok_dir, tmp)
+        diff = _verify_export(tmp, reference, probe, dtype)
+        report = _report(source, dtype, random_init, diff, model_bytes, baseline_mb, t0)
         (tmp / META).write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"ptft convert: {source.step_dir} → {out} ({dtype}); verified: max |logit diff| {report['max_abs_logit_diff']:.2e}; "
-          f"memory: +{report['peak_rss_over_baseline_mb']:.0f} MB at peak for a {report['model_mb_fp32']:.1f} MB fp32 model "
-          f"({report['peak_rss_over_model_size']:.2f}x)", file=sys.stderr)
+    log.info(f"{source.step_dir} → {out} ({dtype}); verified: max |logit diff| {report['max_abs_logit_diff']:.2e}; "
+             f"memory: +{report['peak_rss_over_baseline_mb']:.0f} MB at peak for a {report['model_mb_fp32']:.1f} MB "
+             f"fp32 model ({report['peak_rss_over_model_size']:.2f}x)")
     return report
+
+
+def _import_heavy_modules() -> None:
+    import accelerate.utils  # noqa: F401
+    import deepspeed.utils.zero_to_fp32  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import transformers
+    from transformers import (  # noqa: F401 - transformers loads these lazily: now, not inside the measurement
+        AutoModelForPreTraining,
+        BertConfig,
+        BertForPreTraining,
+        BertForSequenceClassification,
+    )
+
+    transformers.logging.set_verbosity_error()  # the load report for the classifier head is expected noise
+
+
+def _check_request(out: Path, dtype: str, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConvertError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    if dtype not in ("fp32", "bf16"):
+        raise ConvertError(f"--dtype: {dtype!r} is not one of fp32, bf16")
+
+
+def _model_config(source: Source):
+    """The checkpoint's own BertConfig (saved by the pretraining loop with every checkpoint)."""
+    from transformers import BertConfig
+
+    config_dict = source.client.get("model_config")
+    if not config_dict:
+        raise ConvertError(f"{source.step_dir}: the checkpoint manifest has no model_config (not a ptft pretraining run?)")
+    config = BertConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
+    config.architectures = ["BertForPreTraining"]
+    return config
+
+
+def _tokenizer_dir(source: Source) -> Path:
+    tok_dir = (source.run_dir / TOKENIZER_DIR) if source.run_dir else None  # copied there by `ptft pretrain`
+    if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
+        raise ConvertError(f"{source.step_dir}: no tokenizer/ beside the checkpoints (expected {tok_dir})")
+    return tok_dir
+
+
+def _build_model(config, source: Source, random_init: bool) -> torch.nn.Module:
+    """A stock ``BertForPreTraining`` holding the checkpoint's weights (or seed-0 random ones)."""
+    from transformers import BertForPreTraining
+
+    torch.manual_seed(0)
+    if random_init:
+        return BertForPreTraining(config)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = BertForPreTraining(config)
+    _load_into(model, consolidated_state_dict(source.step_dir))
+    gc.collect()  # DeepSpeed's flat partitions are garbage once every tensor is materialised
+    return model
+
+
+def _save_model(model: torch.nn.Module, tmp: Path, dtype: str) -> None:
+    export = model if dtype == "fp32" else model.to(torch.bfloat16)
+    export.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def _copy_tokenizer(tok_dir: Path, tmp: Path) -> None:
+    """The corpus tokenizer, byte for byte (vocab.txt included)."""
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+
+
+def _verify_export(tmp: Path, reference: tuple[torch.Tensor, torch.Tensor], probe: dict, dtype: str) -> float:
+    """Reload the export with plain transformers, no custom code: the pretraining logits must match
+    the checkpoint's, and the encoder must load into a sequence classifier. Returns the max difference."""
+    from transformers import AutoModelForPreTraining, BertForSequenceClassification
+
+    reloaded = AutoModelForPreTraining.from_pretrained(str(tmp), torch_dtype=torch.float32)
+    diff = _max_diff(reference, _logits(reloaded, probe), probe)
+    del reloaded
+    gc.collect()
+    if dtype == "fp32" and diff > 1e-5:  # bf16 exports are rounded on purpose: reported, not checked
+        raise ConvertError(f"verification failed: max |logit difference| {diff:.2e} > 1e-05")
+    cls_model, info = BertForSequenceClassification.from_pretrained(str(tmp), num_labels=2, output_loading_info=True)
+    encoder_missing = [k for k in info["missing_keys"] if not k.startswith("classifier.")]
+    if encoder_missing:
+        raise ConvertError(f"export does not load into BertForSequenceClassification: missing {encoder_missing[:5]}")
+    del cls_model
+    return diff
+
+
+def _report(source: Source, dtype: str, random_init: bool, diff: float, model_bytes: int, baseline_mb: float,
+            t0: float) -> dict:
+    return {
+        "source": str(source.step_dir.resolve()),
+        "run_dir": str(source.run_dir.resolve()) if source.run_dir else None,
+        "step": source.client.get("step"),
+        "config_hash": source.client.get("config_hash"),
+        "tokenizer_hash": source.client.get("tokenizer_hash"),
+        "corpus": source.client.get("data", {}).get("corpus_fingerprint"),
+        "dtype": dtype,
+        "random_init": random_init,
+        "backend": _backend_meta(source.step_dir),
+        "max_abs_logit_diff": diff,
+        "verified": True,
+        "model_mb_fp32": round(model_bytes / 2**20, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_over_baseline_mb": round(_peak_rss_mb() - baseline_mb, 1),
+        "peak_rss_over_model_size": round((_peak_rss_mb() - baseline_mb) / max(model_bytes / 2**20, 1e-9), 2),
+        "seconds": round(time.time() - t0, 2),
+    }

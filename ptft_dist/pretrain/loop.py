@@ -1,63 +1,66 @@
 """``ptft pretrain``: the MLM + NSP pretraining loop.
 
-The loop only composes named parts, each in its own module::
+:func:`pretrain` builds the parts, resumes, and then repeats a few named calls (one optimizer
+step, log, evaluate, save); every concern lives in its own module::
 
-    dist.py          who am I, process group          data/stream.py  exactly-once, resumable batches
-    train/model.py   BERT + sparse MLM head            train/engine.py DeepSpeed ZeRO / Accelerate
-    train/schedule.py LR schedule                      train/checkpoint.py atomic checkpoints, signals
-    train/metrics.py TensorBoard + JSONL, MFU
+    dist/discover.py, dist/rendezvous.py   who am I, the process group, my device
+    corpus/format.py                       the corpus manifest (vocabulary, tokenizer hash)
+    pretrain/model.py                      BERT + sparse MLM head, FLOPs per micro-batch
+    engine/ (base.py, deepspeed.py, ...)   DeepSpeed ZeRO / Accelerate: forward, backward, step
+    engine/schedule.py                     the LR schedule
+    stream/loader.py                       exactly-once, resumable batches
+    checkpoint/manager.py                  atomic checkpoints, finding the one to resume
+    checkpoint/preemption.py               signal → save → exit with the requeue code
+    metrics/logger.py                      TensorBoard + metrics.jsonl, sample-id log
+    metrics/throughput.py                  tokens/s, MFU, memory, the progress line
+    pretrain/evaluate.py                   metric windows, the validation pass
 
-It runs unchanged as one process (CPU or GPU), under ``deepspeed``, ``torchrun``,
-``accelerate launch``, ``srun`` and ``mpirun``.
+What a checkpoint carries is declared by the object that owns it (``state_dict()`` /
+``load_state_dict()``, torchtitan's ``Stateful``): :class:`TrainState` (step, tokens), the train
+loader (data position), :class:`RunIdentity` (what a resume must match); the checkpoint manager
+adds the RNG states. It runs unchanged as one process (CPU or GPU), under ``deepspeed``,
+``torchrun``, ``accelerate launch``, ``srun`` and ``mpirun``.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import shutil
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from transformers import BertConfig
 
-from ptft_dist import dist
-from ptft_dist.checkpoint.manager import (
-    CheckpointError,
-    CheckpointManager,
-    PreemptionHandler,
-    exit_for_requeue,
-    restore_rng,
-)
+from ptft_dist.checkpoint.manager import CheckpointError, CheckpointManager, restore_rng
+from ptft_dist.checkpoint.preemption import PreemptionHandler, exit_for_requeue
 from ptft_dist.config import Config, config_hash, save_resolved, to_dict
-from ptft_dist.corpus.format import TOKENIZER_DIR, CorpusError, load_manifest
-from ptft_dist.engine.deepspeed import build_engine
+from ptft_dist.corpus.format import TOKENIZER_DIR, CorpusError, Manifest, load_manifest
+from ptft_dist.dist.collectives import all_sum
+from ptft_dist.dist.discover import discover
+from ptft_dist.dist.rendezvous import device_for, init_distributed
+from ptft_dist.engine import build_engine
 from ptft_dist.engine.schedule import lr_lambda
 from ptft_dist.errors import UserError
-from ptft_dist.metrics.throughput import MetricsLogger, Throughput, device_peak_flops, format_progress, memory_stats
-from ptft_dist.pretrain.model import build_pretrainer, count_parameters, effective_seq_len, flops_per_token
-from ptft_dist.stream.dataset import build_train_loader, build_validation_loader
+from ptft_dist.log import get_logger
+from ptft_dist.metrics.logger import MetricsLogger, SampleIdLog
+from ptft_dist.metrics.parameters import count_parameters
+from ptft_dist.metrics.throughput import Throughput, device_peak_flops, format_progress, memory_stats
+from ptft_dist.pretrain.evaluate import Window, evaluate, format_eval
+from ptft_dist.pretrain.model import build_pretrainer, micro_batch_work, model_inputs
+from ptft_dist.stream.loader import build_train_loader, build_validation_loader
 
-log = logging.getLogger("ptft.pretrain")
+log = get_logger("pretrain")
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's deprecated calls
-MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label",
-                "cu_seqlens", "indices", "max_seqlen")
 
-
-class _SampleIdLog:
-    """``RUN_DIR/sample_ids/rank{R}.jsonl``: which global samples each step used (data-order debugging)."""
-
-    def __init__(self, run_dir: Path, rank: int):
-        (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "sample_ids" / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - open for the run
-
-    def write(self, step: int, ids: list[int]) -> None:
-        self.file.write(f'{{"step": {step}, "ids": {ids}}}\n')
-        self.file.flush()
+# The checkpoint's client state, in the order it has always been written.
+CLIENT_STATE_KEYS = ("step", "data", "config_hash", "consumed_tokens", "model_config", "tokenizer_hash", "world_size")
+# Model settings a resumed run must share with its checkpoint.
+MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size")
 
 
 class PretrainError(UserError, RuntimeError):
@@ -65,214 +68,244 @@ class PretrainError(UserError, RuntimeError):
 
 
 @dataclass
-class Window:
-    """Sums over the steps since the last log line (tensors stay on the device until then)."""
+class TrainState:
+    """How far the run is: the optimizer steps taken and the real tokens consumed by all ranks."""
 
-    loss: list = field(default_factory=list)
-    mlm_loss: list = field(default_factory=list)
-    nsp_loss: list = field(default_factory=list)
-    counts: torch.Tensor | None = None  # mlm_correct, mlm_count, nsp_correct, nsp_count
+    step: int = 0
+    consumed_tokens: int = 0
+    pending_tokens: int = 0  # this rank's tokens since the last sync_tokens(); never saved (synced before saves)
 
-    def add(self, out) -> None:
-        self.loss.append(out.loss.detach())
-        self.mlm_loss.append(out.mlm_loss)
-        if out.nsp_loss is not None:
-            self.nsp_loss.append(out.nsp_loss)
-        zero = out.mlm_count.new_zeros(())
-        c = torch.stack([out.mlm_correct, out.mlm_count,
-                         out.nsp_correct if out.nsp_correct is not None else zero,
-                         out.nsp_count if out.nsp_count is not None else zero]).double()
-        self.counts = c if self.counts is None else self.counts + c
+    def sync_tokens(self) -> None:
+        """Fold every rank's pending tokens into ``consumed_tokens`` (a collective: all ranks call it)."""
+        self.consumed_tokens += int(all_sum(self.pending_tokens))
+        self.pending_tokens = 0
 
-    def reduce(self) -> dict[str, float]:
-        """Means over the window and over all ranks (one all-reduce)."""
-        means = [torch.stack(x).double().mean() if x else torch.zeros((), dtype=torch.float64, device=self.counts.device)
-                 for x in (self.loss, self.mlm_loss, self.nsp_loss)]
-        packed = torch.cat([torch.stack(means), self.counts])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(packed)
-            packed[:3] /= torch.distributed.get_world_size()
-        loss, mlm, nsp, mlm_ok, mlm_n, nsp_ok, nsp_n = packed.tolist()
-        out = {"loss": loss, "mlm_loss": mlm, "mlm_acc": mlm_ok / max(mlm_n, 1)}
-        if nsp_n:
-            out.update(nsp_loss=nsp, nsp_acc=nsp_ok / nsp_n)
-        return out
+    def state_dict(self) -> dict:
+        return {"step": self.step, "consumed_tokens": self.consumed_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.consumed_tokens = int(state.get("consumed_tokens", 0))
+        self.pending_tokens = 0
 
 
-def _global_sum(n: int) -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([n], dtype=torch.float64)
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
-        torch.distributed.all_reduce(t)
-        return int(t.item())
-    return n
+@dataclass
+class RunIdentity:
+    """What the run is: saved with every checkpoint so a resume (and ``ptft convert``) can check
+    the model shape and the tokenizer before a tensor is loaded. The config hash and world size
+    are recorded, not enforced: a resume may change settings or ranks (docs/design.md, guarantee 4)."""
+
+    cfg: Config
+    model_config: BertConfig
+    tokenizer_hash: str
+    world_size: int
+
+    def state_dict(self) -> dict:
+        return {"config_hash": config_hash(self.cfg), "model_config": self.model_config.to_dict(),
+                "tokenizer_hash": self.tokenizer_hash, "world_size": self.world_size}
+
+    def check_resume(self, saved: dict) -> None:
+        """Refuse, with both values named, to resume into a different model or tokenizer."""
+        ours = self.model_config.to_dict()
+        model = saved.get("model_config") or {}
+        for key in MODEL_SHAPE_KEYS:
+            if key in model and model[key] != ours.get(key):
+                raise PretrainError(f"cannot resume: the checkpoint's model has {key}={model[key]}, "
+                                    f"this run's model has {key}={ours.get(key)} (check model.* settings)")
+        if saved.get("tokenizer_hash") and saved["tokenizer_hash"] != self.tokenizer_hash:
+            raise PretrainError(f"cannot resume: the checkpoint was trained with tokenizer {saved['tokenizer_hash']}, "
+                                f"data.corpus has tokenizer {self.tokenizer_hash}")
 
 
-def _inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+def _corpus_manifest(cfg: Config) -> Manifest:
+    if not cfg.data.corpus:
+        raise PretrainError("data.corpus: required (a directory made by `ptft prepare`, or its URL)")
+    return load_manifest(cfg.data.corpus, cfg.data.storage_options)
 
 
-def _check_resume_compatible(client: dict, cfg: Config, bert_cfg: dict, tokenizer_hash: str) -> None:
-    """Refuse, with both values named, to resume into a different model or tokenizer."""
-    saved = client.get("model_config") or {}
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size"):
-        if key in saved and saved[key] != bert_cfg.get(key):
-            raise PretrainError(f"cannot resume: the checkpoint's model has {key}={saved[key]}, "
-                                f"this run's model has {key}={bert_cfg.get(key)} (check model.* settings)")
-    if client.get("tokenizer_hash") and client["tokenizer_hash"] != tokenizer_hash:
-        raise PretrainError(f"cannot resume: the checkpoint was trained with tokenizer {client['tokenizer_hash']}, "
-                            f"data.corpus has tokenizer {tokenizer_hash}")
+class Trainer:
+    """One pretraining run on this rank: the parts, built once, and the steps that use them."""
 
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.env = discover()
+        init_distributed(self.env)
+        self.is_main = self.env.is_main
+        self.device = device_for(self.env)
+        self.manifest = _corpus_manifest(cfg)
+        self.run_dir = Path(cfg.train.run_dir)
 
-def evaluate(engine, loader, max_batches: int) -> dict[str, float]:
-    """MLM loss/accuracy/perplexity and NSP accuracy on the fixed validation stream."""
-    engine.eval()
-    window = Window()
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
-            window.add(engine.forward(**_inputs(batch)))
-    engine.train()
-    if window.counts is None:
-        return {}
-    m = window.reduce()
-    m["perplexity"] = math.exp(min(m["mlm_loss"], 50.0))
-    return m
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_pretrainer(cfg.model, self.manifest.vocab_size, self.manifest.special_tokens["pad"],
+                                      nsp=cfg.data.nsp)
+        self.engine = build_engine(self.model, cfg.train, cfg.optim, lr_lambda(cfg.optim, cfg.train.max_steps),
+                                   self.env.world_size, self.device)
+        self.train_loader, self.val_loader = self._build_loaders()
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.env.rank, self.env.world_size)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        peak, self.peak_source = device_peak_flops(self.device, self.engine.precision, cfg.train.device_peak_tflops)
+        self.throughput = Throughput(peak_flops=peak, world_size=self.env.world_size)
+
+        self.state = TrainState()
+        self.identity = RunIdentity(cfg, self.model.hf_model.config, self.manifest.tokenizer_hash, self.env.world_size)
+        self.window = Window()
+        self.sample_ids: SampleIdLog | None = None
+
+    def _build_loaders(self) -> tuple:
+        cfg, env, manifest = self.cfg, self.env, self.manifest
+        train = build_train_loader(cfg.data, cfg.train.micro_batch_size, env.world_size, env.rank,
+                                   expected_tokenizer=manifest.tokenizer_hash, pin_memory=self.device.type == "cuda",
+                                   manifest=manifest)
+        val = build_validation_loader(cfg.data, cfg.train.micro_batch_size, env.world_size, env.rank,
+                                      expected_tokenizer=manifest.tokenizer_hash, manifest=manifest)
+        return train, val
+
+    # -- before the first step
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint ``checkpoint.resume`` names (None: a fresh start). Every rank calls it."""
+        path = self.checkpoints.resolve_resume()
+        if path is None:
+            return None
+        self.identity.check_resume(CheckpointManager.verify(path).get("client", {}))
+        client = self.checkpoints.load(self.engine, path)
+        self.train_loader.load_state_dict(client["data"])
+        restore_rng(client)
+        self.state.load_state_dict(client)
+        self.metrics.resume_from(self.state.step)
+        return path
+
+    def write_run_files(self) -> None:
+        """The resolved config, the corpus tokenizer and the DeepSpeed config, beside the checkpoints.
+        Written only now, once the config, the corpus and any resume have been checked."""
+        cfg = self.cfg
+        if self.is_main:
+            save_resolved(cfg, self.run_dir)
+            if "://" not in cfg.data.corpus and not (self.run_dir / TOKENIZER_DIR).exists():
+                shutil.copytree(Path(cfg.data.corpus) / TOKENIZER_DIR, self.run_dir / TOKENIZER_DIR)
+            self.engine.save_ds_config(self.run_dir / "ds_config.json")
+        if cfg.train.log_sample_ids:
+            self.sample_ids = SampleIdLog(self.run_dir, self.env.rank)
+
+    def announce(self, resumed_from: Path | None) -> None:
+        if not self.is_main:
+            return
+        if resumed_from is not None:
+            log.info(f"resumed from {resumed_from} at step {self.state.step} "
+                     f"(epoch {self.train_loader.epoch}, {self.train_loader.consumed} samples into it)")
+            return
+        cfg = self.cfg
+        self.metrics.log_text("config", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        params = count_parameters(self.model)
+        log.info(f"{cfg.model.preset} model, {params['total'] / 1e6:.1f}M parameters "
+                 f"({params['non_embedding'] / 1e6:.1f}M non-embedding), {self.env.world_size} rank(s), "
+                 f"backend {cfg.train.backend}, precision {self.engine.precision}")
+
+    # -- the loop
+
+    def train(self) -> Path:
+        """Steps until ``train.max_steps``; returns the run directory. Exits with the requeue code on a signal."""
+        t_start = time.perf_counter()
+        batches = self.train_loader.forever()
+        with PreemptionHandler() as preemption:
+            while self.state.step < self.cfg.train.max_steps:
+                self.train_step(batches)
+                stop = preemption.should_stop()  # a collective: every rank, every step
+                save = stop or self.checkpoints.should_save(self.state.step) or self._last_step()
+                if save or self._log_due():
+                    self.state.sync_tokens()
+                if self._log_due():
+                    self.log_step()
+                if self._eval_due():
+                    self.run_eval()
+                if save:
+                    self.checkpoints.save(self.engine, self.state.step, self.client_state())
+                if stop:
+                    self.exit_for_requeue()
+        self.metrics.close()
+        if self.is_main:
+            log.info(f"done, {self.state.step} steps in {time.perf_counter() - t_start:.0f}s; run dir {self.run_dir} "
+                     f"(TensorBoard: {self.run_dir / 'tb'}; peak FLOPs from {self.peak_source})")
+        return self.run_dir
+
+    def _last_step(self) -> bool:
+        return self.state.step == self.cfg.train.max_steps
+
+    def _log_due(self) -> bool:
+        return self.state.step % self.cfg.train.log_every == 0 or self._last_step()
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every) and (self.state.step % every == 0 or self._last_step())
+
+    def train_step(self, batches: Iterator[dict]) -> None:
+        """One optimizer step: ``train.grad_accum`` micro-batches, forward and backward each (the
+        engine steps the optimizer at the accumulation boundary)."""
+        tokens = samples = 0
+        flops = 0.0
+        step_ids: list[int] = []
+        for _ in range(self.cfg.train.grad_accum):
+            with self.throughput.waiting():
+                batch = next(batches)
+            if self.sample_ids:
+                step_ids += batch["sample_ids"].tolist()
+            n_tokens, n_samples, n_flops = micro_batch_work(batch, self.identity.model_config, self.cfg.data.nsp)
+            tokens, samples, flops = tokens + n_tokens, samples + n_samples, flops + n_flops
+            out = self.engine.forward(**model_inputs(batch))
+            self.engine.backward(out.loss)
+            self.engine.step()
+            self.window.add(out)
+        self.state.step += 1
+        self.state.pending_tokens += tokens
+        self.throughput.end_step(tokens, samples, flops=flops)
+        if self.sample_ids:
+            self.sample_ids.write(self.state.step, step_ids)
+
+    def log_step(self) -> None:
+        """Reduce the window over ranks, log it with the throughput, print the progress line."""
+        step, m = self.state.step, self.window.reduce()
+        self.window = Window()
+        t = self.throughput.summary()
+        m.update(lr=self.engine.lr, grad_norm=self.engine.grad_norm, loss_scale=self.engine.loss_scale,
+                 tokens_per_s=t["tokens_per_s"], samples_per_s=t["samples_per_s"], mfu=t["mfu"],
+                 step_time_s=t["step_time_s"], data_wait=t["data_wait"],
+                 consumed_samples=self.train_loader.state_dict()["consumed"],
+                 consumed_tokens=self.state.consumed_tokens, epoch=self.train_loader.epoch,
+                 **memory_stats(self.device))
+        self.metrics.log(step, m)
+        if self.is_main:
+            log.info(format_progress(step, self.cfg.train.max_steps, m["loss"], m["lr"], m["tokens_per_s"], m["mfu"],
+                                     m["data_wait"], m["step_time_s"]))
+        self.throughput.reset()  # the logging time stays out of the next window
+
+    def run_eval(self) -> None:
+        ev = evaluate(self.engine, self.val_loader, self.cfg.train.eval_batches)
+        self.metrics.log(self.state.step, ev, split="eval")
+        if self.is_main and ev:
+            log.info(format_eval(self.state.step, ev))
+
+    def client_state(self) -> dict:
+        """The checkpoint's client state, gathered from the objects that own it."""
+        owned = {**self.state.state_dict(), "data": self.train_loader.state_dict(), **self.identity.state_dict()}
+        return {key: owned[key] for key in CLIENT_STATE_KEYS}
+
+    def exit_for_requeue(self) -> None:
+        """After the preemption save (docs/design.md, guarantee 6)."""
+        if self.is_main:
+            log.info(f"signal received; saved step {self.state.step}, exiting with "
+                     f"{self.cfg.checkpoint.requeue_exit_code} for requeue")
+        self.metrics.close()
+        exit_for_requeue(self.cfg.checkpoint)
 
 
 def pretrain(cfg: Config) -> Path:
     """Train until ``train.max_steps``; returns the run directory. Exits with the requeue code on a signal."""
-    env = dist.discover()
-    dist.init_distributed(env)
-    device = dist.device_for(env)
-    if not cfg.data.corpus:
-        raise PretrainError("data.corpus: required (a directory made by `ptft prepare`, or its URL)")
-    manifest = load_manifest(cfg.data.corpus)
-    run_dir = Path(cfg.train.run_dir)
-    if env.is_main:
-        save_resolved(cfg, run_dir)
-        if "://" not in cfg.data.corpus and not (run_dir / TOKENIZER_DIR).exists():
-            shutil.copytree(Path(cfg.data.corpus) / TOKENIZER_DIR, run_dir / TOKENIZER_DIR)
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_pretrainer(cfg.model, manifest.vocab_size, manifest.special_tokens["pad"], nsp=cfg.data.nsp)
-    bert_cfg = model.hf_model.config
-    engine = build_engine(model, cfg.train, cfg.optim, lr_lambda(cfg.optim, cfg.train.max_steps),
-                          env.world_size, device)
-    if env.is_main:
-        engine.save_ds_config(run_dir / "ds_config.json")
-    train_loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, env.world_size, env.rank,
-                                      expected_tokenizer=manifest.tokenizer_hash, pin_memory=device.type == "cuda")
-    val_loader = build_validation_loader(cfg.data, cfg.train.micro_batch_size, env.world_size, env.rank,
-                                         expected_tokenizer=manifest.tokenizer_hash)
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint, env.rank, env.world_size)
-    metrics = MetricsLogger(run_dir, enabled=env.is_main)
-
-    peak, peak_source = device_peak_flops(device, engine.precision, cfg.train.device_peak_tflops)
-    throughput = Throughput(peak_flops=peak, world_size=env.world_size)
-    step = consumed_tokens = 0
-    resume_path = ckpt.resolve_resume()
-    if resume_path is not None:
-        _check_resume_compatible(CheckpointManager.verify(resume_path).get("client", {}), cfg, bert_cfg.to_dict(), manifest.tokenizer_hash)
-        client = ckpt.load(engine, resume_path)
-        train_loader.load_state_dict(client["data"])
-        restore_rng(client)
-        step = int(client["step"])
-        consumed_tokens = int(client.get("consumed_tokens", 0))
-        metrics.resume_from(step)
-        if env.is_main:
-            print(f"ptft pretrain: resumed from {resume_path} at step {step} "
-                  f"(epoch {train_loader.epoch}, {train_loader.consumed} samples into it)", file=sys.stderr)
-    elif env.is_main:
-        metrics.log_text("config", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        params = count_parameters(model)
-        print(f"ptft pretrain: {cfg.model.preset} model, {params['total'] / 1e6:.1f}M parameters "
-              f"({params['non_embedding'] / 1e6:.1f}M non-embedding), {env.world_size} rank(s), "
-              f"backend {cfg.train.backend}, precision {engine.precision}", file=sys.stderr)
-
-    def client_state() -> dict:
-        return {"step": step, "data": train_loader.state_dict(), "config_hash": config_hash(cfg),
-                "consumed_tokens": consumed_tokens,
-                "model_config": bert_cfg.to_dict(), "tokenizer_hash": manifest.tokenizer_hash,
-                "world_size": env.world_size}
-
-    window = Window()
-    accum = cfg.train.grad_accum
-    batches = train_loader.forever()
-    ids_log = _SampleIdLog(run_dir, env.rank) if cfg.train.log_sample_ids else None
-    pending_tokens = 0  # this rank's tokens since the last all-reduce into consumed_tokens
-    t_start = time.perf_counter()
-    with PreemptionHandler() as preemption:
-        while step < cfg.train.max_steps:
-            tokens = samples = 0
-            flops = 0.0
-            step_ids = []
-            for _ in range(accum):
-                with throughput.waiting():
-                    batch = next(batches)
-                if ids_log:
-                    step_ids += batch["sample_ids"].tolist()
-                lengths = batch["attention_mask"].sum(dim=1)
-                n_tokens = int(lengths.sum())
-                masked = int((batch["labels"] != -100).sum())
-                tokens += n_tokens
-                samples += int((batch["sample_ids"] >= 0).sum())
-                flops += n_tokens * flops_per_token(bert_cfg, effective_seq_len(lengths), masked / max(n_tokens, 1),
-                                                    cfg.data.nsp)
-                out = engine.forward(**_inputs(batch))
-                engine.backward(out.loss)
-                engine.step()
-                window.add(out)
-            step += 1
-            pending_tokens += tokens
-            throughput.end_step(tokens, samples, flops=flops)
-            if ids_log:
-                ids_log.write(step, step_ids)
-
-            stop = preemption.should_stop()
-            save = stop or ckpt.should_save(step) or step == cfg.train.max_steps
-            if save or step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                consumed_tokens += _global_sum(pending_tokens)
-                pending_tokens = 0
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                m = window.reduce()
-                window = Window()
-                t = throughput.summary()
-                m.update(lr=engine.lr, grad_norm=engine.grad_norm, loss_scale=engine.loss_scale,
-                         tokens_per_s=t["tokens_per_s"], samples_per_s=t["samples_per_s"], mfu=t["mfu"],
-                         step_time_s=t["step_time_s"], data_wait=t["data_wait"],
-                         consumed_samples=train_loader.state_dict()["consumed"], consumed_tokens=consumed_tokens,
-                         epoch=train_loader.epoch,
-                         **memory_stats(device))
-                metrics.log(step, m)
-                if env.is_main:
-                    print(format_progress(step, cfg.train.max_steps, m["loss"], m["lr"], m["tokens_per_s"], m["mfu"],
-                                          m["data_wait"], m["step_time_s"]), file=sys.stderr, flush=True)
-                throughput.reset()
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
-                ev = evaluate(engine, val_loader, cfg.train.eval_batches)
-                metrics.log(step, ev, split="eval")
-                if env.is_main and ev:
-                    print(f"eval step {step}: mlm_loss {ev['mlm_loss']:.4f} mlm_acc {ev['mlm_acc']:.4f} "
-                          f"ppl {ev['perplexity']:.1f}" + (f" nsp_acc {ev['nsp_acc']:.4f}" if "nsp_acc" in ev else ""),
-                          file=sys.stderr, flush=True)
-
-            if save:
-                ckpt.save(engine, step, client_state())
-            if stop:
-                if env.is_main:
-                    print(f"ptft pretrain: signal received; saved step {step}, exiting with "
-                          f"{cfg.checkpoint.requeue_exit_code} for requeue", file=sys.stderr)
-                metrics.close()
-                exit_for_requeue(cfg.checkpoint)
-    metrics.close()
-    if env.is_main:
-        print(f"ptft pretrain: done, {step} steps in {time.perf_counter() - t_start:.0f}s; run dir {run_dir} "
-              f"(TensorBoard: {run_dir / 'tb'}; peak FLOPs from {peak_source})", file=sys.stderr)
-    return run_dir
+    trainer = Trainer(cfg)
+    resumed_from = trainer.resume()
+    trainer.write_run_files()
+    trainer.announce(resumed_from)
+    return trainer.train()
 
 
-__all__ = ["pretrain", "evaluate", "PretrainError", "CheckpointError", "CorpusError"]
+__all__ = ["pretrain", "evaluate", "Trainer", "TrainState", "RunIdentity", "PretrainError", "CheckpointError",
+           "CorpusError"]

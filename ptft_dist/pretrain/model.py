@@ -1,6 +1,6 @@
 """The pretraining model: a stock ``BertForPreTraining`` with a loss that skips wasted work.
 
-Why a wrapper and not a subclass: exports must be plain Hugging Face (DESIGN invariant 8). The
+Why a wrapper and not a subclass: exports must be plain Hugging Face (docs/design.md, guarantee 8). The
 wrapper registers the HF model's own ``bert`` and ``cls`` modules as its children, so its
 ``state_dict()`` keys are exactly ``BertForPreTraining``'s (``bert.*``, ``cls.*``), DeepSpeed /
 ZeRO checkpoints hold those names, and ``pretrainer.hf_model.save_pretrained(dir)`` writes a model
@@ -27,10 +27,10 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining
 
 from ptft_dist.config import ConfigError, ModelConfig
+from ptft_dist.stream.loader import MODEL_INPUTS
+from ptft_dist.stream.masking import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 # Standard BERT shapes: Turc et al. 2019 ("Well-Read Students Learn Better") and Devlin et al. 2019.
 PRESETS: dict[str, dict[str, int]] = {
@@ -362,16 +362,18 @@ def effective_seq_len(lengths: torch.Tensor) -> float:
     return float((lengths * lengths).sum()) / total if total else 0.0
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Unique parameters: total, embedding (word/position/type tables; the tied decoder counts here), rest.
+def model_inputs(batch: dict) -> dict:
+    """The part of a stream batch that :meth:`BertPretrainer.forward` takes."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
-    Uses DeepSpeed's ``ds_numel`` when present, so the counts are right under ZeRO-3 partitioning.
-    """
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    total = embedding = 0
-    for p in model.parameters():  # parameters() de-duplicates tied weights
-        n = int(getattr(p, "ds_numel", p.numel()))
-        total += n
-        if id(p) in embedding_ids:
-            embedding += n
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+def micro_batch_work(batch: dict, config: BertConfig, nsp: bool) -> tuple[int, int, float]:
+    """(real tokens, real samples, training FLOPs) of one stream micro-batch, for throughput and MFU.
+
+    Padding samples (``sample_ids`` < 0, which keep ranks in step) and pad positions count as no work."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    tokens = int(lengths.sum())
+    masked = int((batch["labels"] != IGNORE_INDEX).sum())
+    samples = int((batch["sample_ids"] >= 0).sum())
+    flops = tokens * flops_per_token(config, effective_seq_len(lengths), masked / max(tokens, 1), nsp)
+    return tokens, samples, flops

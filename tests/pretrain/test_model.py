@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AttentionInterface, BertForPreTraining
 
 from ptft_dist.config import ModelConfig
+from ptft_dist.metrics.parameters import count_parameters
 from ptft_dist.pretrain import model as M
 
 VOCAB = 101
@@ -256,8 +257,23 @@ def test_effective_seq_len_and_parameter_counts():
     assert M.effective_seq_len(torch.tensor([4, 4])) == 4.0
     assert M.effective_seq_len(torch.tensor([1, 3])) == pytest.approx(10 / 4)
     cfg = small_config()
-    counts = M.count_parameters(M.BertPretrainer.from_config(cfg))
+    counts = count_parameters(M.BertPretrainer.from_config(cfg))
     H = cfg.hidden_size
     assert counts["embedding"] == (VOCAB + cfg.max_position_embeddings + 2) * H
     assert counts["total"] == sum(p.numel() for p in BertForPreTraining(cfg).parameters())
     assert counts["non_embedding"] == counts["total"] - counts["embedding"]
+    assert counts["trainable"] == counts["total"]
+    mlm_only = count_parameters(M.BertPretrainer.from_config(cfg, nsp=False))  # pooler + NSP head frozen
+    assert mlm_only["trainable"] == counts["total"] - (H * H + H) - (2 * H + 2)
+
+
+def test_micro_batch_work_counts_real_tokens_and_samples():
+    cfg = small_config()
+    batch = make_batch()
+    batch["sample_ids"] = torch.tensor([4, 9, 1, -1, 7])  # the padding sample has id -1
+    tokens, samples, flops = M.micro_batch_work(batch, cfg, nsp=True)
+    assert (tokens, samples) == (24 + 17 + 9 + 2 + 13, 4)
+    masked = int((batch["labels"] != -100).sum()) / tokens
+    seq = M.effective_seq_len(torch.tensor([24, 17, 9, 2, 13]))
+    assert flops == pytest.approx(tokens * M.flops_per_token(cfg, seq, masked, True))
+    assert set(M.model_inputs(batch)) == set(M.MODEL_INPUTS) - {"cu_seqlens", "indices", "max_seqlen"}
