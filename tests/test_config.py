@@ -105,3 +105,14 @@ def test_cli_overrides_may_follow_options_and_launcher_args_are_dropped():
     assert args.overrides == ["finetune.epochs=2", "finetune.lr=3e-4", "train.seed=7"]
     with _pytest.raises(SystemExit):  # a stray word that is neither an option nor key=value
         parse_command_line(build_parser(), ["finetune", "-c", "x.yaml", "a.b=1", "--method", "lora", "oops"])
+
+
+def test_cli_imports_nothing_heavy_until_a_command_runs():
+    import subprocess
+    import sys
+
+    code = ("import sys, ptft_dist.cli; print(' '.join(sorted(m for m in sys.modules "
+            "if m.startswith(('ptft_dist', 'torch', 'numpy', 'yaml')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout.split()
+    assert out == ["ptft_dist", "ptft_dist.cli", "ptft_dist.errors", "ptft_dist.log"]

@@ -1,107 +1,47 @@
-"""Running a classifier over examples: tokenization, dynamic padding, rank-sharded inference with
-exact gathered metrics, and the ``ptft evaluate`` / ``ptft predict`` entry points.
+"""Running a classifier over examples: rank-sharded inference with exact gathered metrics, the
+choice of the metric that picks the best epoch, and the ``ptft evaluate`` / ``ptft predict`` entry
+points.
 
 The same functions serve the training loop's per-epoch validation (through the engine, every
 rank a shard, predictions gathered so metrics are computed on exactly the whole split) and a
-single-process evaluation of an exported directory.
+single-process evaluation of an exported directory, so the numbers in results.json and those of
+``ptft evaluate`` on the exported model agree.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ptft_dist.config import FinetuneConfig
-from ptft_dist.finetune.model import FinetuneError, load_exported
+from ptft_dist.dist.collectives import gather_object
+from ptft_dist.finetune.batches import Encoded, batches, collate, encode, eval_shard
+from ptft_dist.finetune.model import Exported, FinetuneError, load_exported
 from ptft_dist.finetune.scores import classification_metrics, regression_metrics
+from ptft_dist.finetune.tasks import SPLITS, load_task
 
 METRICS = {"classification": ("accuracy", "macro_f1", "mcc", "loss"),
            "regression": ("pearson", "spearman", "mse", "loss")}
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
 
 
-# --------------------------------------------------------------------------- encoding and batches
-
-
-@dataclass
-class Encoded:
-    """Token ids per example (no padding: batches are padded to their own longest example)."""
-
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
-
-
-def encode(tokenizer: Any, texts: Sequence[str], pairs: Optional[Sequence[str]], max_seq_len: int) -> Encoded:
-    """[CLS] A [SEP] (B [SEP]), truncated longest-first to ``max_seq_len``."""
-    if not len(texts):
-        return Encoded([], [])
-    enc = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_seq_len,
-                    padding=False, return_attention_mask=False, return_token_type_ids=True)
-    return Encoded(enc["input_ids"], enc["token_type_ids"])
-
-
-def collate(enc: Encoded, idx: Sequence[int], pad_id: int, labels: Optional[np.ndarray] = None,
-            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Examples ``idx`` padded to the batch's longest (rounded up to ``pad_multiple``)."""
-    longest = max(len(enc.input_ids[i]) for i in idx)
-    width = -(-longest // pad_multiple) * pad_multiple
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    types = torch.zeros((len(idx), width), dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
-    for row, i in enumerate(idx):
-        n = len(enc.input_ids[i])
-        ids[row, :n] = torch.as_tensor(enc.input_ids[i])
-        types[row, :n] = torch.as_tensor(enc.token_type_ids[i])
-        mask[row, :n] = 1
-    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
-    if labels is not None:
-        batch["labels"] = torch.as_tensor(labels[np.asarray(idx)])
-    return batch
-
-
-def eval_shard(n: int, rank: int, world: int, lengths: Optional[np.ndarray] = None) -> np.ndarray:
-    """This rank's example indices: strided, padded by repetition so every rank has the same count
-    (ZeRO-3 forwards are collectives: uneven batch counts would hang), longest first (less padding)."""
-    per = math.ceil(n / world) if n else 0
-    idx = np.arange(per * world) % max(n, 1)
-    mine = idx[rank::world][:per]
-    if lengths is not None and len(mine):
-        mine = mine[np.argsort(-lengths[mine], kind="stable")]
-    return mine
-
-
-def _is_dist() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
+# --------------------------------------------------------------------------- logits and metrics
 
 
 def predict_logits(forward: Callable[[dict], torch.Tensor], enc: Encoded, batch_size: int, pad_id: int,
                    rank: int = 0, world: int = 1, pad_multiple: int = 1) -> np.ndarray:
     """Logits of every example, in order, on every rank: each rank runs its shard, then one gather."""
     mine = eval_shard(len(enc), rank, world, enc.lengths())
-    chunks = []
     with torch.no_grad():
-        for s in range(0, len(mine), batch_size):
-            logits = forward(collate(enc, mine[s:s + batch_size], pad_id, pad_multiple=pad_multiple))
-            chunks.append(logits.detach().float().cpu().numpy())
+        chunks = [forward(b).detach().float().cpu().numpy()
+                  for b in batches(enc, mine, batch_size, pad_id, pad_multiple=pad_multiple)]
     local = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
-    if world > 1 and _is_dist():
-        parts: list[Any] = [None] * world
-        torch.distributed.all_gather_object(parts, (mine, local))
-    else:
-        parts = [(mine, local)]
+    parts = gather_object((mine, local)) if world > 1 else [(mine, local)]
     width = max((p[1].shape[1] for p in parts if p[1].size), default=1)
     out = np.zeros((len(enc), width), dtype=np.float32)
     for idx, logits in parts:
@@ -123,6 +63,8 @@ def task_metrics(task_type: str, labels: np.ndarray, logits: np.ndarray) -> dict
 
 
 def is_better(metric: str, value: float, best: Optional[float]) -> bool:
+    """Whether ``value`` beats ``best`` for ``finetune.metric_for_best``; a NaN or infinite value
+    never does (a diverged epoch must not become the exported model)."""
     if value is None or not math.isfinite(value):
         return False
     if best is None:
@@ -131,6 +73,7 @@ def is_better(metric: str, value: float, best: Optional[float]) -> bool:
 
 
 def check_metric(task_type: str, metric: str) -> None:
+    """Refuse a ``metric_for_best`` the task never reports before training, not after epoch one."""
     if metric not in METRICS[task_type]:
         raise FinetuneError(f"finetune.metric_for_best={metric!r} is not a {task_type} metric "
                             f"(one of {', '.join(METRICS[task_type])})")
@@ -163,8 +106,6 @@ def map_labels(task_labels: np.ndarray, task_names: Sequence[str], model_names: 
 def evaluate_model(model_dir: str | Path, cfg: FinetuneConfig, split: str = "test",
                    batch_size: Optional[int] = None, device: Optional[torch.device] = None) -> dict:
     """Metrics of an exported model (merged or adapter dir) on ``split`` of the task in ``cfg``."""
-    from ptft_dist.finetune.tasks import SPLITS, load_task
-
     if split not in SPLITS:
         raise FinetuneError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     device = device or _device()
@@ -190,40 +131,52 @@ def _as_pair(item: str | tuple[str, str]) -> tuple[str, Optional[str]]:
     return str(item), None
 
 
+def _chunks(texts: Iterable[str | tuple[str, str]], size: int) -> Iterator[list[tuple[str, Optional[str]]]]:
+    chunk: list[tuple[str, Optional[str]]] = []
+    for item in texts:
+        chunk.append(_as_pair(item))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encode_inputs(ex: Exported, chunk: list[tuple[str, Optional[str]]]) -> Encoded:
+    """Single texts and pairs encoded apart, so a single text gets no empty second segment."""
+    enc = Encoded([[]] * len(chunk), [[]] * len(chunk))
+    for paired in (False, True):
+        rows = [i for i, (_, p) in enumerate(chunk) if (p is not None) == paired]
+        if rows:
+            part = encode(ex.tokenizer, [chunk[i][0] for i in rows],
+                          [chunk[i][1] for i in rows] if paired else None, ex.max_seq_len)
+            for j, i in enumerate(rows):
+                enc.input_ids[i], enc.token_type_ids[i] = part.input_ids[j], part.token_type_ids[j]
+    return enc
+
+
+def _prediction_rows(ex: Exported, logits: torch.Tensor) -> Iterator[dict]:
+    if ex.task_type == "regression":
+        for v in logits.reshape(-1).tolist():
+            yield {"score": v}
+        return
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    for row in probs:
+        yield {"label": ex.label_names[int(row.argmax())],
+               "probabilities": {n: float(p) for n, p in zip(ex.label_names, row)}}
+
+
 def predict(model_dir: str | Path, texts: Iterable[str | tuple[str, str]], batch_size: int = 32,
             device: Optional[torch.device] = None) -> Iterator[dict]:
     """One dict per input, in order: ``label`` and ``probabilities`` (by label name), or ``score``
-    for regression. Inputs are strings or (text, pair) tuples; streamed in batches."""
+    for regression. Inputs are strings or (text, pair) tuples; streamed in batches, so a file of
+    any length runs in constant memory."""
     device = device or _device()
     ex = load_exported(model_dir, device)
     forward = model_forward(ex.model, device)
     pad = ex.tokenizer.pad_token_id
-
-    def run(chunk: list[tuple[str, Optional[str]]]) -> Iterator[dict]:
-        enc = Encoded([[]] * len(chunk), [[]] * len(chunk))
-        for paired in (False, True):  # single texts and pairs encoded apart: no empty second segment
-            rows = [i for i, (_, p) in enumerate(chunk) if (p is not None) == paired]
-            if rows:
-                part = encode(ex.tokenizer, [chunk[i][0] for i in rows],
-                              [chunk[i][1] for i in rows] if paired else None, ex.max_seq_len)
-                for j, i in enumerate(rows):
-                    enc.input_ids[i], enc.token_type_ids[i] = part.input_ids[j], part.token_type_ids[j]
+    for chunk in _chunks(texts, batch_size):
+        enc = _encode_inputs(ex, chunk)
         with torch.no_grad():
             logits = forward(collate(enc, range(len(enc)), pad)).float().cpu()
-        if ex.task_type == "regression":
-            for v in logits.reshape(-1).tolist():
-                yield {"score": v}
-            return
-        probs = torch.softmax(logits.double(), dim=-1).numpy()
-        for row in probs:
-            yield {"label": ex.label_names[int(row.argmax())],
-                   "probabilities": {n: float(p) for n, p in zip(ex.label_names, row)}}
-
-    chunk: list[tuple[str, Optional[str]]] = []
-    for item in texts:
-        chunk.append(_as_pair(item))
-        if len(chunk) == batch_size:
-            yield from run(chunk)
-            chunk = []
-    if chunk:
-        yield from run(chunk)
+        yield from _prediction_rows(ex, logits)

@@ -2,156 +2,77 @@
 
 The same engine as pretraining ("one engine, two loops")::
 
-    tasks.py    labelled splits            model.py    classifier / LoRA, export, gather under ZeRO
-    predict.py  encode, pad, sharded eval  train/engine.py  DeepSpeed ZeRO 0-3 or Accelerate
+    finetune/settings.py  what the run reads       finetune/tasks.py     labelled splits
+    finetune/batches.py   encode, pad, shards      finetune/model.py     classifier / LoRA, export
+    finetune/evaluate.py  sharded eval, metrics    engine/               DeepSpeed ZeRO 0-3 or Accelerate
 
-Every input is checked (task files, labels, model dir, tokenizer vs model, settings) before any
-process group is joined or any file is written. The train split is sharded like
-``DistributedSampler`` (a fixed-seed permutation per epoch, padded by repetition, strided over
-ranks), so every rank takes the same number of steps, and with the same global batch a 1-rank
-and a W-rank run see the same examples in every optimizer step; batches are grouped by length
-(globally, so that still holds), which halves the padding on short-text tasks. Validation runs on all ranks
-each epoch with predictions gathered, so its metrics are exact; the best epoch (by
-``finetune.metric_for_best``) is exported to ``output_dir/best`` (atomically), and the test split
-is evaluated with that exported model at the end: the numbers describe the files users get.
-A new run in an existing ``output_dir`` first removes the old run's ``best/``, results and logs.
+The run reads its settings once (finetune/settings.py): the ``finetune`` section, plus the
+engine settings of ``train.*`` / ``optim.*`` it honours; a pretraining-only key set to anything
+but its default is refused instead of silently ignored (docs/finetuning.md, "Settings"). Every
+input is checked (settings, task files, labels, model dir, tokenizer vs model) before any process
+group is joined or any file is written (docs/design.md, guarantee 7). The train split is sharded
+like ``DistributedSampler`` so every rank takes the same number of steps and a 1-rank and a W-rank
+run with the same global batch see the same examples in every step (docs/design.md, guarantee 2).
+Validation runs on all ranks each epoch with predictions gathered, so its metrics are exact; the
+best epoch (by ``finetune.metric_for_best``) is exported to ``output_dir/best`` atomically
+(docs/design.md, guarantees 5 and 8), and the test split is evaluated with that exported model at
+the end: the numbers describe the files users get. A new run in an existing ``output_dir`` first
+removes the old run's ``best/``, results and logs, so they cannot be taken for this run's.
 
 It runs unchanged as one process or under ``deepspeed`` / ``torchrun`` / ``srun``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import json
-import math
-import os
-import shutil
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from ptft_dist import dist
-from ptft_dist.config import Config, FinetuneConfig, OptimConfig, TrainConfig, save_resolved
-from ptft_dist.engine.deepspeed import build_engine
+from ptft_dist.config import Config, save_resolved
+from ptft_dist.dist.collectives import broadcast_object, mean_over_ranks
+from ptft_dist.dist.discover import discover
+from ptft_dist.dist.layout import DistEnv
+from ptft_dist.dist.rendezvous import device_for, init_distributed
+from ptft_dist.engine import build_engine
 from ptft_dist.engine.schedule import lr_lambda
-from ptft_dist.finetune.evaluate import (
-    Encoded,
-    check_metric,
-    collate,
-    encode,
-    is_better,
-    model_forward,
-    predict_logits,
-    task_metrics,
-)
+from ptft_dist.finetune.batches import Encoded, batches, encode, train_shard
+from ptft_dist.finetune.evaluate import is_better, model_forward, predict_logits, task_metrics
 from ptft_dist.finetune.model import (
     FinetuneError,
     build_model,
     check_model_dir,
-    count_parameters,
     export_model,
     load_config,
     load_exported,
     load_tokenizer,
     trainable_state_dict,
 )
-from ptft_dist.finetune.tasks import Split, TaskData, load_task
-from ptft_dist.metrics.throughput import MetricsLogger
+from ptft_dist.finetune.settings import Plan, Settings, plan_steps, read_settings
+from ptft_dist.finetune.tasks import TaskData, load_task
+from ptft_dist.fsutil import remove_tree, write_json_atomic
+from ptft_dist.log import get_logger
+from ptft_dist.metrics.logger import MetricsLogger
+from ptft_dist.metrics.parameters import count_parameters
 
 RESULTS = "results.json"
 BEST = "best"
 
-
-# --------------------------------------------------------------------------- settings
-
-
-def effective_lr(ft: FinetuneConfig) -> float:
-    """``finetune.lora_lr`` for LoRA when it is set, else ``finetune.lr``."""
-    return float(ft.lora_lr) if ft.method == "lora" and ft.lora_lr else float(ft.lr)
+log = get_logger("finetune")
 
 
-def check_settings(cfg: Config) -> None:
-    ft = cfg.finetune
-    if ft.method not in ("full", "lora"):
-        raise FinetuneError(f"finetune.method: {ft.method!r} is not one of full, lora")
-    if ft.export in ("adapter", "both") and ft.method != "lora":
-        raise FinetuneError(f"finetune.export={ft.export} needs finetune.method=lora (a full fine-tune has no adapter)")
-    for key in ("epochs", "batch_size", "max_seq_len"):
-        if getattr(ft, key) < 1:
-            raise FinetuneError(f"finetune.{key} must be >= 1, got {getattr(ft, key)}")
-    if ft.method == "lora" and ft.lora_r < 1:
-        raise FinetuneError(f"finetune.lora_r must be >= 1, got {ft.lora_r}")
-    if not 0 <= ft.warmup_ratio < 1:
-        raise FinetuneError(f"finetune.warmup_ratio must be in [0, 1), got {ft.warmup_ratio}")
-    if ft.lora_lr < 0:
-        raise FinetuneError(f"finetune.lora_lr must be >= 0 (0 = use finetune.lr), got {ft.lora_lr}")
-    if not effective_lr(ft) > 0:
-        raise FinetuneError(f"finetune.lr must be > 0, got {effective_lr(ft)}")
-    check_metric(ft.task_type, ft.metric_for_best)
+# --------------------------------------------------------------------------- data and model
 
 
-def engine_configs(cfg: Config, max_steps: int) -> tuple[TrainConfig, OptimConfig]:
-    """The pretraining engine's sections with the fine-tuning values mapped in: per-rank micro
-    batch, peak lr, linear schedule with ``warmup_ratio`` warmup over ``max_steps``."""
-    ft = cfg.finetune
-    warmup_ratio = float(ft.warmup_ratio)
-    train = dataclasses.replace(cfg.train, micro_batch_size=ft.batch_size, max_steps=max_steps)
-    optim = dataclasses.replace(cfg.optim, lr=effective_lr(ft), schedule="linear",
-                                warmup_steps=min(max_steps, round(warmup_ratio * max_steps)))
-    return train, optim
-
-
-# --------------------------------------------------------------------------- data
-
-
-def subsample(split: Split, n: int, seed: int) -> Split:
-    """A fixed-seed subset of ``n`` examples (``finetune.max_train_samples``), in original order."""
-    if not n or n >= len(split):
-        return split
-    keep = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
-    return Split([split.texts[i] for i in keep], [split.pairs[i] for i in keep] if split.pairs else None,
-                 split.labels[keep])
-
-
-MEGABATCH = 50  # global batches sorted together when grouping by length (HF's LengthGroupedSampler)
-
-
-def train_shard(n: int, rank: int, world: int, seed: int, epoch: int, lengths: Optional[np.ndarray] = None,
-                global_batch: int = 1) -> np.ndarray:
-    """This rank's examples for one epoch, in order.
-
-    ``DistributedSampler(shuffle=True, drop_last=False)`` semantics: a permutation seeded by
-    seed + epoch, padded by repetition to a multiple of the world size, strided over ranks. With
-    ``lengths`` (group by length), each run of ``MEGABATCH`` global batches of that permutation is
-    sorted longest first and the full global batches are shuffled: batches of similar lengths
-    (about half the padding of random batches on short-text tasks), decided on the *global* order
-    so micro-batch i of every rank still comes from global batch i, as without grouping.
-    """
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n, generator=g).numpy()
-    total = math.ceil(n / world) * world
-    if total > n:
-        order = np.concatenate([order, np.resize(order, total - n)])
-    if lengths is not None:
-        mega = MEGABATCH * global_batch
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
-                                for c in (order[i:i + mega] for i in range(0, total, mega))])
-        full = total // global_batch
-        batches = order[:full * global_batch].reshape(full, global_batch)
-        order = np.concatenate([batches[torch.randperm(full, generator=g).numpy()].reshape(-1),
-                                order[full * global_batch:]])
-    return order[rank:total:world]
-
-
-@dataclasses.dataclass
+@dataclass
 class Prepared:
     """Everything checked before the run connects or writes."""
 
+    settings: Settings
     task: TaskData
     encoded: dict[str, Encoded]
     tokenizer: Any
@@ -160,228 +81,284 @@ class Prepared:
 
 
 def prepare(cfg: Config) -> Prepared:
-    """Load and check the task, model directory, tokenizer and settings (raises a UserError)."""
-    ft = cfg.finetune
-    check_settings(cfg)
+    """Load and check the settings, task, model directory and tokenizer (raises a UserError)."""
+    s = read_settings(cfg)
+    ft = s.ft
     model_dir = check_model_dir(ft.model)
     task = load_task(ft)
-    task.splits["train"] = subsample(task.splits["train"], ft.max_train_samples,
-                                     cfg.train.seed)
     model_config = load_config(model_dir)
     max_pos = int(getattr(model_config, "max_position_embeddings", 512))
     if ft.max_seq_len > max_pos:
         raise FinetuneError(f"finetune.max_seq_len={ft.max_seq_len} exceeds the model's max_position_embeddings={max_pos}")
     tokenizer = load_tokenizer(model_dir, model_config)
-    encoded = {s: encode(tokenizer, sp.texts, sp.pairs, ft.max_seq_len) for s, sp in task.splits.items()}
+    encoded = {name: encode(tokenizer, sp.texts, sp.pairs, ft.max_seq_len) for name, sp in task.splits.items()}
     if not len(encoded["train"]):
         raise FinetuneError(f"{ft.train_file or ft.hf_dataset}: the train split is empty")
-    model = build_model(model_dir, task.label_names, ft, seed=cfg.train.seed)
-    return Prepared(task, encoded, tokenizer, model, model_dir)
+    model = build_model(model_dir, task.label_names, ft, seed=s.seed)
+    return Prepared(s, task, encoded, tokenizer, model, model_dir)
 
 
-# --------------------------------------------------------------------------- helpers
+def start_output_dir(cfg: Config, out_dir: Path) -> None:
+    """Rank 0: an old run's model, results and logs must not be taken for this run's."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULTS).unlink(missing_ok=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    for stale in ("tb", BEST):
+        remove_tree(out_dir / stale)
+    save_resolved(cfg, out_dir)
 
 
-def _mean_over_ranks(values: list[torch.Tensor], device: torch.device) -> float:
-    t = torch.stack(values).double().mean() if values else torch.zeros((), dtype=torch.float64)
-    t = t.to(device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return float(t)
+# --------------------------------------------------------------------------- the run
 
 
-def _agree(error: str) -> str:
-    """Rank 0's error message on every rank (so all ranks raise together instead of hanging)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return error
-    obj = [error]
-    torch.distributed.broadcast_object_list(obj, src=0)
-    return obj[0]
+@dataclass
+class Run:
+    """The run once the process group and the engine are up."""
+
+    prep: Prepared
+    plan: Plan
+    engine: Any
+    device: torch.device
+    rank: int
+    world: int
+    main: bool
+    out_dir: Path
+    metrics: MetricsLogger
+    params: dict
+    pad_id: int
+    pad_multiple: int  # 8 on GPU (tensor cores), 1 on CPU
+    global_batch: int
+    lengths: Optional[np.ndarray]  # train example lengths when grouping by length
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            log.info(msg)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    tmp.replace(path)
+@dataclass
+class Progress:
+    history: list[dict] = field(default_factory=list)
+    best: Optional[float] = None
+    best_epoch: Optional[int] = None
+    best_validation: dict = field(default_factory=dict)
+    bad_epochs: int = 0
+    step: int = 0
+    early_stopped: bool = False
+    timings: dict = field(default_factory=lambda: {"train_s": 0.0, "validation_s": 0.0, "export_s": 0.0})
 
 
-def _say(main: bool, msg: str) -> None:
-    if main:
-        print(f"ptft finetune: {msg}", file=sys.stderr, flush=True)
+def build_run(prep: Prepared, env: DistEnv, device: torch.device) -> Run:
+    """The engine around the prepared model, and what every step needs from it."""
+    s = prep.settings
+    plan = plan_steps(s, len(prep.task.splits["train"]), env.world_size)
+    params = count_parameters(prep.model)
+    engine = build_engine(prep.model, plan.engine_train, plan.engine_optim,
+                          lr_lambda(plan.engine_optim, plan.max_steps), env.world_size, device)
+    out_dir = Path(s.ft.output_dir)
+    if env.is_main:
+        engine.save_ds_config(out_dir / "ds_config.json")
+    return Run(prep, plan, engine, device, env.rank, env.world_size, env.is_main, out_dir,
+               MetricsLogger(out_dir, enabled=env.is_main), params, int(prep.tokenizer.pad_token_id),
+               8 if engine.device.type == "cuda" else 1, s.ft.batch_size * env.world_size * engine.grad_accum,
+               prep.encoded["train"].lengths() if s.ft.group_by_length else None)
+
+
+def announce(run: Run) -> None:
+    ft, task, engine, params = run.prep.settings.ft, run.prep.task, run.engine, run.params
+    labels = "regression" if ft.task_type == "regression" else f"{task.num_labels} labels"
+    run.say(f"{ft.method} fine-tuning of {run.prep.model_dir} on {len(task.splits['train'])} examples ({labels}), "
+            f"{params['trainable'] / 1e6:.3g}M of {params['total'] / 1e6:.3g}M parameters trained, "
+            f"{run.world} rank(s), global batch {run.global_batch}, {run.plan.max_steps} steps, "
+            f"lr {run.plan.engine_optim.lr:g}, backend {engine.backend} ZeRO-{engine.zero_stage} {engine.precision_name}")
+
+
+def train_epoch(run: Run, epoch: int, progress: Progress) -> float:
+    """One pass over this rank's shard; returns the epoch's mean train loss over all ranks."""
+    s, engine = run.prep.settings, run.engine
+    split = run.prep.task.splits["train"]
+    engine.train()
+    idx = train_shard(len(split), run.rank, run.world, s.seed, epoch - 1, run.lengths, run.global_batch)
+    window: list[torch.Tensor] = []
+    epoch_losses: list[torch.Tensor] = []
+    for batch in batches(run.prep.encoded["train"], idx, s.ft.batch_size, run.pad_id, split.labels,
+                         run.pad_multiple):
+        if s.ft.task_type == "regression":  # MSE against bf16/fp16 logits needs targets of the same dtype
+            batch["labels"] = batch["labels"].to(engine.precision)
+        out = engine.forward(**batch)
+        engine.backward(out.loss)
+        boundary = engine.is_accumulation_boundary
+        engine.step()
+        loss = out.loss.detach().float()
+        window.append(loss)
+        epoch_losses.append(loss)
+        if boundary:
+            progress.step += 1
+            if progress.step % s.log_every == 0:
+                run.metrics.log(progress.step, {"loss": mean_over_ranks(window), "lr": engine.lr,
+                                                "grad_norm": engine.grad_norm, "epoch": epoch})
+                window = []
+    return mean_over_ranks(epoch_losses)
+
+
+def validate(run: Run) -> dict:
+    """Metrics of the whole validation split: every rank a shard, logits gathered."""
+    engine = run.engine
+    engine.eval()
+    logits = predict_logits(lambda b: engine.forward(**b).logits, run.prep.encoded["validation"],
+                            run.prep.settings.ft.batch_size, run.pad_id, run.rank, run.world, run.pad_multiple)
+    engine.train()
+    return task_metrics(run.prep.settings.ft.task_type, run.prep.task.splits["validation"].labels, logits)
+
+
+def end_epoch(run: Run, progress: Progress, epoch: int, train_loss: float, val: dict) -> bool:
+    """Record the epoch, export it when it is the best so far; True when early stopping ends the run."""
+    ft = run.prep.settings.ft
+    run.metrics.log(progress.step, {"loss": train_loss, "epoch": epoch}, split="train_epoch")
+    run.metrics.log(progress.step, {**val, "epoch": epoch}, split="validation")
+    progress.history.append({"epoch": epoch, "step": progress.step, "train_loss": train_loss, "validation": val})
+    value = val[ft.metric_for_best]
+    improved = is_better(ft.metric_for_best, value, progress.best)
+    run.say(f"epoch {epoch}/{ft.epochs}: train loss {train_loss:.4f}; validation {_fmt(val)}"
+            + (" (best so far)" if improved else ""))
+    if improved:
+        progress.best, progress.best_epoch, progress.best_validation, progress.bad_epochs = value, epoch, val, 0
+        t0 = time.perf_counter()
+        export_best(run, {"epoch": epoch, ft.metric_for_best: value})
+        progress.timings["export_s"] += time.perf_counter() - t0
+        return False
+    progress.bad_epochs += 1
+    if ft.early_stopping_patience and progress.bad_epochs >= ft.early_stopping_patience:
+        progress.early_stopped = True
+        run.say(f"early stopping: no {ft.metric_for_best} improvement for {progress.bad_epochs} epoch(s)")
+        return True
+    return False
+
+
+def fit(run: Run) -> Progress:
+    """Train → validate → export the best, epoch by epoch."""
+    progress = Progress()
+    for epoch in range(1, run.prep.settings.ft.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss = train_epoch(run, epoch, progress)
+        progress.timings["train_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        val = validate(run)
+        progress.timings["validation_s"] += time.perf_counter() - t0
+        if end_epoch(run, progress, epoch, train_loss, val):
+            break
+    if progress.best_epoch is None:  # the metric was never finite: keep the last epoch, so there is a model to test
+        progress.best_epoch, progress.best_validation = len(progress.history), progress.history[-1]["validation"]
+        export_best(run, {"epoch": progress.best_epoch})
+    return progress
+
+
+def export_best(run: Run, extra: dict) -> None:
+    """Gather the trained weights (every rank: a collective under ZeRO) and export them on rank 0."""
+    prep, out = run.prep, run.out_dir / BEST
+    trained = trainable_state_dict(run.engine.module, keep=run.main)
+    error = ""
+    if run.main:
+        try:
+            export_model(prep.model_dir, prep.task.label_names, prep.settings.ft, trained, out, prep.settings.seed,
+                         extra)
+        except Exception as exc:  # reported on every rank below, so none waits forever
+            error = f"{type(exc).__name__}: {exc}"
+    error = broadcast_object(error)
+    if error:
+        raise RuntimeError(f"export of {out} failed on rank 0: {error}")
+
+
+def close_engine(run: Run) -> dict:
+    """Free the engine (its optimizer state) before the test model is loaded; returns its description."""
+    run.metrics.close()
+    engine = run.engine
+    info = {"backend": engine.backend, "zero_stage": engine.zero_stage, "precision": engine.precision_name}
+    run.engine = engine = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return info
+
+
+def evaluate_best_on_test(run: Run) -> dict:
+    """The exported ``best/`` model on the test split: the numbers describe the files users get."""
+    ex = load_exported(run.out_dir / BEST, run.device)
+    logits = predict_logits(model_forward(ex.model, run.device), run.prep.encoded["test"],
+                            run.prep.settings.ft.batch_size, run.pad_id, run.rank, run.world, run.pad_multiple)
+    return task_metrics(run.prep.settings.ft.task_type, run.prep.task.splits["test"].labels, logits)
+
+
+def results_of(run: Run, progress: Progress, test: dict, engine_info: dict) -> dict:
+    """results.json's content."""
+    s, task = run.prep.settings, run.prep.task
+    ft = s.ft
+    return {
+        "method": ft.method,
+        "model": str(run.prep.model_dir),
+        "best_model": str(run.out_dir / BEST),
+        "export": ft.export if ft.method == "lora" else "merged",
+        "task": {"task_type": ft.task_type, "label_names": task.label_names,
+                 "examples": {name: len(sp) for name, sp in task.splits.items()}},
+        "validation": progress.best_validation,
+        "test": test,
+        "metric_for_best": ft.metric_for_best,
+        "best_metric": progress.best,
+        "best_epoch": progress.best_epoch,
+        "epochs_run": len(progress.history),
+        "early_stopped": progress.early_stopped,
+        "steps": progress.step,
+        "world_size": run.world,
+        **engine_info,
+        "parameters": run.params,
+        "hyperparameters": {"lr": run.plan.engine_optim.lr, "batch_size_per_rank": ft.batch_size,
+                            "global_batch_size": run.global_batch, "max_seq_len": ft.max_seq_len,
+                            "group_by_length": run.lengths is not None, "epochs": ft.epochs,
+                            "max_steps": run.plan.max_steps, "warmup_steps": run.plan.warmup_steps,
+                            "weight_decay": run.plan.engine_optim.weight_decay, "seed": s.seed},
+        "timings": progress.timings,
+        "history": progress.history,
+    }
 
 
 def _fmt(m: dict) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the pipeline
 
 
 def finetune(cfg: Config) -> dict:
     """Fine-tune, keep the best epoch as ``output_dir/best``, evaluate it on test; returns results.json's dict."""
     t_start = time.perf_counter()
-    ft = cfg.finetune
-    env = dist.discover()
+    env = discover()
     prep = prepare(cfg)  # every input check happens here, before anything connects or is written
-    task, enc = prep.task, prep.encoded
-    dist.init_distributed(env)
-    device = dist.device_for(env)
-    rank, world, main = env.rank, env.world_size, env.is_main
-    out_dir = Path(ft.output_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # a new run: an old run's model, results and logs must not be taken for this one's
-        (out_dir / RESULTS).unlink(missing_ok=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        for stale in ("tb", BEST):
-            shutil.rmtree(out_dir / stale, ignore_errors=True)
-        save_resolved(cfg, out_dir)
-
-    train_split = task.splits["train"]
-    n_train = len(train_split)
-    mb = ft.batch_size
-    micro_per_epoch = math.ceil(math.ceil(n_train / world) / mb)
-    max_steps = max(1, ft.epochs * micro_per_epoch // max(cfg.train.grad_accum, 1))
-    train_cfg, optim_cfg = engine_configs(cfg, max_steps)
-    params = count_parameters(prep.model)
-    engine = build_engine(prep.model, train_cfg, optim_cfg, lr_lambda(optim_cfg, max_steps), world, device)
-    if main:
-        engine.save_ds_config(out_dir / "ds_config.json")
-    metrics = MetricsLogger(out_dir, enabled=main)
-    pad_id = int(prep.tokenizer.pad_token_id)
-    pad_multiple = 8 if engine.device.type == "cuda" else 1
-    global_batch = mb * world * engine.grad_accum
-    lengths = enc["train"].lengths() if ft.group_by_length else None
-    _say(main, f"{ft.method} fine-tuning of {prep.model_dir} on {n_train} examples "
-               f"({'regression' if ft.task_type == 'regression' else f'{task.num_labels} labels'}), "
-               f"{params['trainable'] / 1e6:.3g}M of {params['total'] / 1e6:.3g}M parameters trained, {world} rank(s), "
-               f"global batch {global_batch}, {max_steps} steps, lr {optim_cfg.lr:g}, backend {engine.backend} "
-               f"ZeRO-{engine.zero_stage} {engine.precision_name}")
-
-    def validate(engine: Any) -> dict:
-        engine.eval()
-        logits = predict_logits(lambda b: engine.forward(**b).logits, enc["validation"], mb, pad_id, rank, world,
-                                pad_multiple)
-        engine.train()
-        return task_metrics(ft.task_type, task.splits["validation"].labels, logits)
-
-    timings = {"train_s": 0.0, "validation_s": 0.0, "export_s": 0.0}
-    history: list[dict] = []
-    best: Optional[float] = None
-    best_epoch: Optional[int] = None
-    best_validation: dict = {}
-    bad_epochs = 0
-    step = 0
-    early_stopped = False
-    for epoch in range(1, ft.epochs + 1):
-        t0 = time.perf_counter()
-        engine.train()
-        idx = train_shard(n_train, rank, world, cfg.train.seed, epoch - 1, lengths, global_batch)
-        window: list[torch.Tensor] = []
-        epoch_losses: list[torch.Tensor] = []
-        for s in range(0, len(idx), mb):
-            batch = collate(enc["train"], idx[s:s + mb], pad_id, train_split.labels, pad_multiple)
-            if ft.task_type == "regression":  # MSE against bf16/fp16 logits needs targets of the same dtype
-                batch["labels"] = batch["labels"].to(engine.precision)
-            out = engine.forward(**batch)
-            engine.backward(out.loss)
-            boundary = engine.is_accumulation_boundary
-            engine.step()
-            loss = out.loss.detach().float()
-            window.append(loss)
-            epoch_losses.append(loss)
-            if boundary:
-                step += 1
-                if step % max(cfg.train.log_every, 1) == 0:
-                    metrics.log(step, {"loss": _mean_over_ranks(window, engine.device), "lr": engine.lr,
-                                       "grad_norm": engine.grad_norm, "epoch": epoch})
-                    window = []
-        train_loss = _mean_over_ranks(epoch_losses, engine.device)
-        timings["train_s"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        val = validate(engine)
-        timings["validation_s"] += time.perf_counter() - t0
-        metrics.log(step, {"loss": train_loss, "epoch": epoch}, split="train_epoch")
-        metrics.log(step, {**val, "epoch": epoch}, split="validation")
-        history.append({"epoch": epoch, "step": step, "train_loss": train_loss, "validation": val})
-        value = val[ft.metric_for_best]
-        improved = is_better(ft.metric_for_best, value, best)
-        _say(main, f"epoch {epoch}/{ft.epochs}: train loss {train_loss:.4f}; validation {_fmt(val)}"
-                   + (" (best so far)" if improved else ""))
-        if improved:
-            best, best_epoch, best_validation, bad_epochs = value, epoch, val, 0
-            t0 = time.perf_counter()
-            _export_best(engine, prep, cfg, out_dir / BEST, main, {"epoch": epoch, ft.metric_for_best: value})
-            timings["export_s"] += time.perf_counter() - t0
-        else:
-            bad_epochs += 1
-            if ft.early_stopping_patience and bad_epochs >= ft.early_stopping_patience:
-                early_stopped = True
-                _say(main, f"early stopping: no {ft.metric_for_best} improvement for {bad_epochs} epoch(s)")
-                break
-    if best_epoch is None:  # the metric was never finite: keep the last epoch, so there is a model to test
-        best_epoch, best_validation = len(history), history[-1]["validation"]
-        _export_best(engine, prep, cfg, out_dir / BEST, main, {"epoch": best_epoch})
-    metrics.close()
-    engine_info = {"backend": engine.backend, "zero_stage": engine.zero_stage, "precision": engine.precision_name}
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    init_distributed(env)
+    device = device_for(env)
+    if env.is_main:
+        start_output_dir(cfg, Path(prep.settings.ft.output_dir))
+    run = build_run(prep, env, device)
+    announce(run)
+    progress = fit(run)
+    engine_info = close_engine(run)
 
     t0 = time.perf_counter()
-    best_dir = out_dir / BEST
-    ex = load_exported(best_dir, device)
-    test_logits = predict_logits(model_forward(ex.model, device), enc["test"], mb, pad_id, rank, world, pad_multiple)
-    test = task_metrics(ft.task_type, task.splits["test"].labels, test_logits)
+    test = evaluate_best_on_test(run)
+    timings = progress.timings
     timings["test_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
-    timings["train_samples_per_s"] = len(history) * n_train / max(timings["train_s"], 1e-9)
-    timings = {k: round(v, 3) for k, v in timings.items()}
-    results = {
-        "method": ft.method,
-        "model": str(prep.model_dir),
-        "best_model": str(best_dir),
-        "export": ft.export if ft.method == "lora" else "merged",
-        "task": {"task_type": ft.task_type, "label_names": task.label_names,
-                 "examples": {s: len(sp) for s, sp in task.splits.items()}},
-        "validation": best_validation,
-        "test": test,
-        "metric_for_best": ft.metric_for_best,
-        "best_metric": best,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "early_stopped": early_stopped,
-        "steps": step,
-        "world_size": world,
-        **engine_info,
-        "parameters": params,
-        "hyperparameters": {"lr": optim_cfg.lr, "batch_size_per_rank": mb, "global_batch_size": global_batch,
-                            "max_seq_len": ft.max_seq_len, "group_by_length": lengths is not None, "epochs": ft.epochs, "max_steps": max_steps,
-                            "warmup_steps": optim_cfg.warmup_steps, "weight_decay": optim_cfg.weight_decay,
-                            "seed": cfg.train.seed},
-        "timings": timings,
-        "history": history,
-    }
-    if main:
-        MetricsLogger(out_dir, enabled=True).log(step, test, split="test")
-        _write_json_atomic(out_dir / RESULTS, results)
-        _say(main, f"done in {timings['total_s']:.0f}s: best epoch {best_epoch} ({ft.metric_for_best} {best_validation.get(ft.metric_for_best, float('nan')):.4f}); "
-                   f"test {_fmt(test)}; model {best_dir}; results {out_dir / RESULTS}")
+    timings["train_samples_per_s"] = len(progress.history) * len(prep.task.splits["train"]) / max(timings["train_s"], 1e-9)
+    progress.timings = {k: round(v, 3) for k, v in timings.items()}
+    results = results_of(run, progress, test, engine_info)
+    if run.main:
+        write_results(run, progress, results)
     return results
 
 
-def _export_best(engine: Any, prep: Prepared, cfg: Config, out: Path, main: bool, extra: dict) -> None:
-    """Gather the trained weights (every rank: a collective under ZeRO) and export them on rank 0."""
-    trained = trainable_state_dict(engine.module, keep=main)
-    error = ""
-    if main:
-        try:
-            export_model(prep.model_dir, prep.task.label_names, cfg.finetune, trained, out, cfg.train.seed, extra)
-        except Exception as exc:  # reported on every rank below, so none waits forever
-            error = f"{type(exc).__name__}: {exc}"
-    error = _agree(error)
-    if error:
-        raise RuntimeError(f"export of {out} failed on rank 0: {error}")
+def write_results(run: Run, progress: Progress, results: dict) -> None:
+    ft, path = run.prep.settings.ft, run.out_dir / RESULTS
+    MetricsLogger(run.out_dir, enabled=True).log(progress.step, results["test"], split="test")
+    write_json_atomic(path, results)
+    best = progress.best_validation.get(ft.metric_for_best, float("nan"))
+    run.say(f"done in {progress.timings['total_s']:.0f}s: best epoch {progress.best_epoch} "
+            f"({ft.metric_for_best} {best:.4f}); test {_fmt(results['test'])}; model {run.out_dir / BEST}; "
+            f"results {path}")

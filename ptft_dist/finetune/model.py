@@ -14,7 +14,8 @@ Layout of an export directory::
     both:    merged at the top, the adapter in ``adapter/``
 
 Exports are written into a temporary sibling directory and renamed into place, so a crash never
-leaves a half-written model where a later stage would trust it.
+leaves a half-written model where a later stage would trust it (docs/design.md, guarantee 5); the
+merged export is a plain Hugging Face classifier (docs/design.md, guarantee 8).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 from ptft_dist.config import FinetuneConfig
 from ptft_dist.errors import UserError
+from ptft_dist.fsutil import replace_dir
 
 META_FILE = "ptft_finetune.json"
 ADAPTER_DIR = "adapter"
@@ -174,15 +176,6 @@ def wrap_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
         return get_peft_model(model, lcfg)
 
 
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    total = trainable = 0
-    for p in model.parameters():
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitions report their full size
-        total += n
-        trainable += n if p.requires_grad else 0
-    return {"total": total, "trainable": trainable}
-
-
 # --------------------------------------------------------------------------- gathering (collective)
 
 
@@ -255,22 +248,6 @@ def copy_tokenizer(src: Path, dst: Path, tokenizer: Any = None) -> None:
         tokenizer.save_pretrained(str(dst))
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """``tmp`` becomes ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    moved = out.exists()
-    if moved:
-        shutil.rmtree(old, ignore_errors=True)
-        out.replace(old)
-    try:
-        tmp.replace(out)
-    except OSError:
-        if moved:
-            old.replace(out)  # put the previous export back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_model(model_dir: str | Path, label_names: Sequence[str], cfg: FinetuneConfig,
                  trained: dict[str, torch.Tensor], out_dir: str | Path, seed: int,
                  extra: Optional[dict] = None) -> Path:
@@ -314,7 +291,7 @@ def export_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetun
                 merged.save_pretrained(str(tmp), safe_serialization=True)
             copy_tokenizer(model_dir, tmp)
             ExportMeta(kind="merged", **meta).write(tmp)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -99,36 +100,57 @@ def _hash_split(texts: list[str], seed: int) -> np.ndarray:
     return out
 
 
+Columns = tuple[str, list[str], Optional[list[str]], list]  # where, texts, pairs, raw labels
+
+
 def load_task(cfg: FinetuneConfig) -> TaskData:
-    raw: dict[str, tuple[str, dict[str, list]]] = {}
-    if cfg.hf_dataset:
-        raw = {s: (f"{cfg.hf_dataset}[{s}]", t) for s, t in _hf_splits(cfg).items()}
-    else:
-        for split, path in (("train", cfg.train_file), ("validation", cfg.validation_file), ("test", cfg.test_file)):
-            if path:
-                raw[split] = (path, _read_table(path, cfg))
+    """The train/validation/test splits of ``cfg``'s task, labels as ids (raises InputError)."""
+    raw = _read_splits(cfg)
     if "train" not in raw:
         raise InputError("finetune.train_file: required (or finetune.hf_dataset with a train split)")
     columns = {s: (where, *_columns(t, where, cfg)) for s, (where, t) in raw.items()}
-    missing = [s for s in ("validation", "test") if s not in columns]
-    if missing:  # carve the missing splits out of train; train keeps the rest
-        where, texts, pairs, labels = columns["train"]
-        assign = _hash_split(texts, cfg.split_seed)
-        codes = {"train": [0] + [SPLITS.index(s) for s in ("validation", "test") if s not in missing]}
-        codes.update({s: [SPLITS.index(s)] for s in missing})
-        for split, wanted in codes.items():
-            idx = np.flatnonzero(np.isin(assign, wanted))
-            columns[split] = (where, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
-                              [labels[i] for i in idx])
-    if cfg.max_train_samples and len(columns["train"][1]) > cfg.max_train_samples:
-        where, texts, pairs, labels = columns["train"]
-        idx = np.sort(np.random.default_rng(cfg.split_seed).permutation(len(texts))[: cfg.max_train_samples])
-        columns["train"] = (where, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
-                            [labels[i] for i in idx])
+    _carve_missing_splits(columns, cfg.split_seed)
+    _subsample_train(columns, cfg.max_train_samples, cfg.split_seed)
     return _encode_labels(columns, cfg)
 
 
-def _encode_labels(columns: dict, cfg: FinetuneConfig) -> TaskData:
+def _read_splits(cfg: FinetuneConfig) -> dict[str, tuple[str, dict[str, list]]]:
+    if cfg.hf_dataset:
+        return {s: (f"{cfg.hf_dataset}[{s}]", t) for s, t in _hf_splits(cfg).items()}
+    raw = {}
+    for split, path in (("train", cfg.train_file), ("validation", cfg.validation_file), ("test", cfg.test_file)):
+        if path:
+            raw[split] = (path, _read_table(path, cfg))
+    return raw
+
+
+def _take(cols: Columns, idx: np.ndarray) -> Columns:
+    where, texts, pairs, labels = cols
+    return where, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, [labels[i] for i in idx]
+
+
+def _carve_missing_splits(columns: dict[str, Columns], seed: int) -> None:
+    """Missing validation/test splits come out of train (a fixed-seed hash); train keeps the rest."""
+    missing = [s for s in ("validation", "test") if s not in columns]
+    if not missing:
+        return
+    train = columns["train"]
+    assign = _hash_split(train[1], seed)
+    codes = {"train": [0] + [SPLITS.index(s) for s in ("validation", "test") if s not in missing]}
+    codes.update({s: [SPLITS.index(s)] for s in missing})
+    for split, wanted in codes.items():
+        columns[split] = _take(train, np.flatnonzero(np.isin(assign, wanted)))
+
+
+def _subsample_train(columns: dict[str, Columns], n: int, seed: int) -> None:
+    """``finetune.max_train_samples``: a fixed-seed subset, in original order, cut before the labels
+    are numbered (so the label set is that of the examples trained on)."""
+    if n and len(columns["train"][1]) > n:
+        idx = np.sort(np.random.default_rng(seed).permutation(len(columns["train"][1]))[:n])
+        columns["train"] = _take(columns["train"], idx)
+
+
+def _encode_labels(columns: dict[str, Columns], cfg: FinetuneConfig) -> TaskData:
     splits: dict[str, Split] = {}
     if cfg.task_type == "regression":
         for split, (where, texts, pairs, labels) in columns.items():

@@ -164,7 +164,7 @@ def test_full_finetune_learns_and_writes_a_complete_run(full_run, assets):
 
 
 def test_lora_learns_and_merged_equals_adapter_plus_base(lora_run, assets):
-    from ptft_dist.finetune.evaluate import collate, encode
+    from ptft_dist.finetune.batches import collate, encode
     from ptft_dist.finetune.model import load_exported
 
     r = lora_run
@@ -254,7 +254,7 @@ def test_evaluate_and_predict_on_an_export(full_run, assets, monkeypatch, capsys
 def test_pairs_are_encoded_as_two_segments(assets):
     from transformers import AutoTokenizer
 
-    from ptft_dist.finetune.evaluate import collate, encode
+    from ptft_dist.finetune.batches import collate, encode
 
     tok = AutoTokenizer.from_pretrained(str(assets / "model"))
     enc = encode(tok, ["the movie", "a"], ["was great", "b c"], 8)
@@ -262,37 +262,6 @@ def test_pairs_are_encoded_as_two_segments(assets):
     assert batch["token_type_ids"][0].tolist().count(1) == len(tok("was great")["input_ids"]) - 1
     assert batch["input_ids"][0, 0] == tok.cls_token_id and batch["labels"].tolist() == [1, 0]
     assert batch["attention_mask"].sum(1).tolist() == [len(x) for x in enc.input_ids]
-
-
-def test_train_shard_is_distributed_sampler_like():
-    from ptft_dist.finetune.loop import train_shard
-
-    one = train_shard(37, 0, 1, seed=3, epoch=1)
-    assert sorted(one.tolist()) == list(range(37))
-    shards = [train_shard(37, r, 2, seed=3, epoch=1) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 19 and set(np.concatenate(shards)) == set(range(37))
-    # micro-batch i of 2 ranks x 8 == micro-batch i of 1 rank x 16 (global batch equal)
-    for i in range(2):
-        assert sorted(np.concatenate([s[i * 8:(i + 1) * 8] for s in shards])) == sorted(one[i * 16:(i + 1) * 16])
-    assert not np.array_equal(train_shard(37, 0, 1, seed=3, epoch=2), one)
-
-
-def test_length_grouping_keeps_global_batches_and_cuts_padding():
-    from ptft_dist.finetune.loop import train_shard
-
-    lengths = np.random.default_rng(0).integers(3, 64, size=330)
-    one = train_shard(330, 0, 1, seed=1, epoch=0, lengths=lengths, global_batch=15)
-    assert sorted(one.tolist()) == list(range(330))
-    shards = [train_shard(330, r, 3, seed=1, epoch=0, lengths=lengths, global_batch=15) for r in range(3)]
-    assert {len(s) for s in shards} == {110}
-    for i in range(22):  # micro-batch i (5 per rank) of 3 ranks == global batch i of 1 rank x 15
-        got = np.concatenate([s[i * 5:(i + 1) * 5] for s in shards])
-        assert sorted(got.tolist()) == sorted(one[i * 15:(i + 1) * 15].tolist())
-    grouped = np.mean([lengths[one[i:i + 15]].max() for i in range(0, 330, 15)])
-    shuffled = train_shard(330, 0, 1, seed=1, epoch=0)
-    plain = np.mean([lengths[shuffled[i:i + 15]].max() for i in range(0, 330, 15)])
-    assert grouped < 0.75 * plain
-    assert not np.array_equal(one, train_shard(330, 0, 1, seed=1, epoch=1, lengths=lengths, global_batch=15))
 
 
 def test_bertmodel_dir_loads_with_its_encoder_weights(assets, tmp_path):
@@ -349,6 +318,17 @@ def test_bad_input_fails_early_with_one_line(case, assets, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ptft: error:") and expect in err[0], err
     assert not (tmp_path / "out").exists()  # nothing written, not even a half-made output dir
+
+
+def test_a_pretraining_key_is_refused_not_silently_replaced(assets, tmp_path, capsys):
+    from ptft_dist.cli import main
+
+    cfg = write_config(assets, "bad-optim-lr", output_dir=str(tmp_path / "out"))
+    capsys.readouterr()
+    assert main(["finetune", "--config", str(cfg), "optim.lr=1e-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ptft: error: optim.lr is not used by ptft finetune; set finetune.lr (finetune.lora_lr for LoRA)"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_user_errors_are_user_errors(assets, tmp_path):
