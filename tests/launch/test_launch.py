@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ptft_dist.dist import encode_argv, free_port
+from ptft_dist.dist.discover import free_port
+from ptft_dist.dist.launcher_env import encode_argv
 from tests.slurm_cluster import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]

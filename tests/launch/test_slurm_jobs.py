@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.corpus_factory import make_corpus
-from tests.slurm_cluster import SlurmCluster, free_ports
 from tests.pretrain.test_pretrain import TINY, assert_same_weights, losses, sample_ids
+from tests.slurm_cluster import SlurmCluster, free_ports
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 
