@@ -136,6 +136,7 @@ while (($#)); do
     if [[ $name == launcher-arg ]]; then
       LAUNCHER_ARGS+=("$val")
     else
+      [[ -z ${OPT[$name]+x} ]] || die_usage "option --$name given twice ('${OPT[$name]}', then '$val')"
       OPT[$name]=$val
     fi
   elif [[ $FLAG_OPTS == *" $name "* ]]; then
@@ -155,6 +156,29 @@ for name in nproc num-nodes num-gpus nproc-per-node node-rank max-restarts num-p
     die_usage "--$name wants a non-negative integer, got '${OPT[$name]}'"
   fi
 done
+# counts of processes, nodes and tasks start at 1; ports are 1-65535; a rank is below its count
+for name in nproc num-nodes num-gpus nproc-per-node num-processes num-machines ntasks ntasks-per-node nodes np; do
+  if [[ -n ${OPT[$name]+x} ]] && ((10#${OPT[$name]} < 1)); then
+    die_usage "--$name must be at least 1, got ${OPT[$name]}"
+  fi
+done
+for name in master-port ssh-port main-process-port; do
+  if [[ -n ${OPT[$name]+x} ]] && ((${#OPT[$name]} > 5 || 10#${OPT[$name]} < 1 || 10#${OPT[$name]} > 65535)); then
+    die_usage "--$name must be a port number (1-65535), got ${OPT[$name]}"
+  fi
+done
+for pair in node-rank:nnodes machine-rank:num-machines; do
+  rank=${pair%%:*} count=${pair#*:}
+  if [[ -n ${OPT[$rank]+x} && ${OPT[$count]:-1} =~ ^[0-9]+$ ]] && ((10#${OPT[$rank]} >= 10#${OPT[$count]:-1})); then
+    die_usage "--$rank ${OPT[$rank]} is not below --$count ${OPT[$count]:-1}"
+  fi
+done
+if [[ -n ${OPT[mixed-precision]+x} && ! ${OPT[mixed-precision]} =~ ^(no|fp16|bf16)$ ]]; then
+  die_usage "--mixed-precision must be no, fp16 or bf16 (got '${OPT[mixed-precision]}')"
+fi
+if [[ -n ${OPT[config-file]+x} && ! -f ${OPT[config-file]} ]]; then
+  die "--config-file ${OPT[config-file]} does not exist"
+fi
 
 # ------------------------------------------------------------------ auto
 if [[ $MODE == auto ]]; then

@@ -50,7 +50,8 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
                    help="files, folders, globs, fsspec URLs (s3://, https://, memory://) or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--output", "-o", required=True, metavar="CORPUS_DIR")
     p.add_argument("--config", "-c", help="YAML config (sections: prepare, data, ...)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished corpus in CORPUS_DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what a previous ptft prepare wrote in CORPUS_DIR (only that: docs/refusals.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. prepare.tokenizer.vocab_size=8000")
 
 
@@ -58,7 +59,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ptft_dist.config import load_config
     from ptft_dist.corpus.prepare import prepare
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, command="prepare")
     prepare(args.input, args.output, cfg, overwrite=args.overwrite)
     return 0
 
@@ -76,11 +77,13 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ptft_dist.config import load_config
-    from ptft_dist.pretrain.loop import pretrain
 
     overrides = _overrides(args, (("resume", "checkpoint.resume"), ("corpus", "data.corpus"),
                                   ("run_dir", "train.run_dir")))
-    pretrain(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides, command="pretrain")  # before torch is imported: bad keys answer at once
+    from ptft_dist.pretrain.loop import pretrain
+
+    pretrain(cfg)
     return 0
 
 
@@ -97,9 +100,11 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from ptft_dist.fsutil import exit_on_signal
     from ptft_dist.pretrain.export import convert
 
-    convert(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, random_init=args.random_init)
+    with exit_on_signal("ptft convert"):  # SIGTERM/SIGHUP: the temporary export is removed, not left
+        convert(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, random_init=args.random_init)
     return 0
 
 
@@ -143,9 +148,22 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
+def _check_inspect_args(args: argparse.Namespace) -> None:
+    """Counts and positions that cannot mean anything fail here, not as a traceback in the stream."""
+    for name in ("docs", "samples", "epoch", "seed"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} must be >= 0, got {value}")
+    if args.world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {args.world_size}")
+    if not 0 <= args.rank < args.world_size:
+        raise UserError(f"--rank must be in [0, {args.world_size}), got {args.rank}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ptft_dist.inspection import inspect_corpus
 
+    _check_inspect_args(args)
     inspect_corpus(args)
     return 0
 
@@ -184,7 +202,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args, (("model", "finetune.model"), ("method", "finetune.method"),
                                   ("output_dir", "finetune.output_dir")))
-    finetune(load_config(args.config, overrides))
+    finetune(load_config(args.config, overrides, command="finetune"))
     return 0
 
 
@@ -202,7 +220,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ptft_dist.config import load_config
     from ptft_dist.finetune.evaluate import evaluate_model
 
-    cfg = load_config(args.config, list(args.overrides))
+    cfg = load_config(args.config, list(args.overrides), command="evaluate")
     metrics = evaluate_model(args.model, cfg.finetune, args.split)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -284,6 +302,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- plan
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="the pretraining YAML config to plan, e.g. configs/pretrain/base-gpu.yaml")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="ranks per node")
+    p.add_argument("--gpu", required=True, help="h100, h200, a100, b200 or cpu")
+    p.add_argument("--interconnect", default="ib400",
+                   help="between nodes: ib400, ib200, ib100, roce400, roce200, roce100, ethernet100/25/10/1, "
+                        "or a TCP link rate such as 50mbit (default ib400)")
+    p.add_argument("--nics-per-node", type=int, default=None, help="default: one per GPU for ib*/roce200+, else 1")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="samples per optimizer step (default: train.global_batch_size, else as configured)")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default: measured table)")
+    p.add_argument("--calibrate", metavar="RUN_DIR", default=None,
+                   help="take the compute rate from a one-host `ptft pretrain` run of this kind of device")
+    p.add_argument("--memory-gib", type=float, default=None, help="memory a rank may use (default: the device's)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON, for scripts")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.zero_stage=3 data.max_seq_len=512")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ptft_dist.config import load_config
+    from ptft_dist.plan.planner import PlanRequest, make_plan
+    from ptft_dist.plan.report import to_json, to_text
+
+    req = PlanRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu,
+                      interconnect=args.interconnect, nics_per_node=args.nics_per_node,
+                      global_batch=args.global_batch, mfu=args.mfu, calibrate=args.calibrate,
+                      memory_gib=args.memory_gib, config_path=args.config)
+    plan = make_plan(load_config(args.config, args.overrides, command="plan"), req)
+    sys.stdout.write(to_json(plan) + "\n" if args.json else to_text(plan))
+    return 0
+
+
 # --------------------------------------------------------------------------- parsing
 
 # (name, arguments, command, help), in the order ``ptft --help`` lists them
@@ -303,6 +357,8 @@ COMMANDS: tuple[tuple[str, Callable[[argparse.ArgumentParser], None], Command, s
     ("demo", _demo_args, cmd_demo,
      "the whole workflow on the demo data: prepare → pretrain → convert → finetune"),
     ("report", _report_args, cmd_report, "static Markdown + PNG report of a run (from its metrics.jsonl)"),
+    ("plan", _plan_args, cmd_plan,
+     "memory per rank and step time per ZeRO stage of a job on N nodes, before it is submitted"),
 )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from ptft_dist.config_rules import unused_key_problems, value_problems
 from ptft_dist.errors import UserError
 
 
@@ -91,6 +92,7 @@ class PrepareConfig:
     slurm_time: str = "04:00:00"  # per array task
     slurm_cpus_per_task: int = 1
     slurm_mem_per_cpu_mb: int = 2048
+    storage_options: dict = field(default_factory=dict)  # fsspec options for remote inputs (s3://, gs://: endpoint_url, key, ...)
 
 
 # --------------------------------------------------------------------------- stream
@@ -120,9 +122,9 @@ class DataConfig:
     fetch_retries: int = 3  # attempts after the first for a failing remote read
     fetch_backoff_s: float = 0.5  # first retry delay, doubled each attempt
     verify_checksums: bool = True  # sha256 of every shard when it arrives / is first opened
-    expected_tokenizer: Optional[str] = None  # tokenizer hash or directory the run expects; other corpora refused
+    expected_tokenizer: Optional[str] = None  # pin the tokenizer: a hash (manifest.json tokenizer_hash) or a tokenizer dir; other corpora refused
     validation_max_samples: int = 0  # evaluate on the first N samples of the fixed validation order (0 = all)
-    storage_options: dict = field(default_factory=dict)  # passed to fsspec (credentials, endpoint, ...)
+    storage_options: dict = field(default_factory=dict)  # fsspec options for every corpus read (endpoint_url, key, secret, ...; secrets redacted in saved copies)
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -221,6 +223,8 @@ class FinetuneConfig:
     early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
     output_dir: str = "runs/finetune"
     export: Literal["merged", "adapter", "both"] = "merged"
+    resume: str = "auto"  # auto (OUTPUT_DIR/checkpoints/latest, if any), never (start over), or a checkpoint path
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = only on SIGUSR1/SIGTERM, before exiting for requeue)
 
 
 # --------------------------------------------------------------------------- root
@@ -384,8 +388,18 @@ def apply_override(cfg: Any, dotted: str, raw_value: Any) -> None:
         node = getattr(node, name)
         prefix += name + "."
         if isinstance(node, dict):
-            node[".".join(parts[i + 1 :])] = raw_value
+            _set_free_form(node, parts[i + 1 :], raw_value)
             return
+
+
+def _set_free_form(mapping: dict, keys: list[str], raw_value: Any) -> None:
+    """``data.storage_options.client_kwargs.region_name=x``: nested keys, YAML-parsed value (so
+    ``anon=false`` is False, not the string "false")."""
+    for key in keys[:-1]:
+        if not isinstance(mapping.get(key), dict):
+            mapping[key] = {}
+        mapping = mapping[key]
+    mapping[keys[-1]] = _parse_scalar(raw_value) if isinstance(raw_value, str) else raw_value
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
@@ -398,8 +412,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + dotted overrides → a checked :class:`Config`."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                command: str | None = None) -> Config:
+    """YAML file (optional) + dotted overrides → a checked :class:`Config`: every key known, every
+    value in its range (config_rules.RANGES, CROSS_RULES) and, given the ``command`` that will run,
+    no key set that it would silently ignore (config_rules.SCOPES; docs/refusals.md)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -415,8 +432,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = _build(Config, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
         apply_override(cfg, key, value)
+    problems = unused_key_problems(cfg, command, [k for k, _ in parsed]) if command else []
+    problems = problems or value_problems(cfg)
+    if problems:
+        raise ConfigError(". ".join(problems))  # each names its key, wherever it was set
     return cfg
 
 
@@ -424,9 +446,34 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+STORAGE_KEY = "storage_options"  # how to reach data, not what the data is
+_SECRET_WORDS = ("secret", "password", "token", "credential", "key", "sas")
+
+
+def _storage_mapped(tree: Any, fn) -> Any:
+    """``tree`` (a to_dict result) with ``fn`` applied to every ``storage_options`` mapping."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: fn(v) if k == STORAGE_KEY and isinstance(v, dict) else _storage_mapped(v, fn) for k, v in tree.items()}
+
+
+def redact_secrets(options: dict) -> dict:
+    """Storage options with the values of secret-looking keys (key, secret, token, ...) replaced;
+    endpoints and regions stay readable."""
+    return {k: redact_secrets(v) if isinstance(v, dict)
+            else "<redacted>" if v not in (None, "", False) and any(w in str(k).lower() for w in _SECRET_WORDS)
+            else v for k, v in options.items()}
+
+
+def public_dict(cfg: Any) -> dict:
+    """``to_dict(cfg)`` for copies written to disk or TensorBoard: no credentials."""
+    return _storage_mapped(to_dict(cfg), redact_secrets)
+
+
 def config_hash(section: Any) -> str:
-    """Stable short hash of a config (section), for telling runs and corpora apart."""
-    blob = json.dumps(to_dict(section), sort_keys=True, default=str).encode()
+    """Stable short hash of a config (section), for telling runs and corpora apart. Storage
+    options are left out: rotated credentials or a new endpoint do not make another run or corpus."""
+    blob = json.dumps(_storage_mapped(to_dict(section), lambda _: None), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -436,49 +483,6 @@ def save_resolved(cfg: Config, directory: str | Path, name: str = "resolved_conf
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(public_dict(cfg), sort_keys=False))
     tmp.replace(path)
     return path
-
-
-def _field_notes(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in the class source: the reference's description."""
-    import inspect
-    import re
-
-    notes = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): .*?#\s*(.+)$", line)
-        if m:
-            notes[m.group(1)] = m.group(2).strip()
-    return notes
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " \\| ".join(repr(a) for a in get_args(tp))
-    if get_origin(tp) in (Union, types.UnionType):
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        return (_type_name(inner[0]) if len(inner) == 1 else " \\| ".join(map(_type_name, inner))) + " (or null)"
-    if get_origin(tp) is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", str(tp))
-
-
-def schema_reference() -> str:
-    """Markdown reference of every key, its type, default and meaning (docs/configuration.md)."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = _field_types(cls)
-        notes = _field_notes(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            if _is_dataclass_type(tp):
-                walk(tp, prefix + f.name + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{default!r}` | {notes.get(f.name, '')} |")
-
-    walk(Config, "")
-    return "\n".join(lines) + "\n"

@@ -7,12 +7,14 @@ target, fsync, rename over it, fsync the directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,88 @@ def is_within(inner: str | os.PathLike, outer: str | os.PathLike) -> bool:
     would overwrite an input (docs/design.md, guarantee 9)."""
     a, b = Path(inner).resolve(), Path(outer).resolve()
     return a == b or b in a.parents
+
+
+# --------------------------------------------------------------------------- interrupted writers
+
+# the hidden siblings the helpers above (and the stages' own export code) create beside ``name``:
+# temp_name's ".NAME.tmp-PID-HEX" (and ".NAME.tmp-PID"), replace_dir's ".NAME.old-PID",
+# remove_tree's ".trash-NAME-PID-NS"
+_LEFTOVER_RE = r"^(?:\.{name}\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]+)?|\.trash-{name}-(?P<tpid>\d+)-\d+)$"
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this id runs on this host (one we may not signal counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove what a writer of ``path`` killed without a chance to clean up (kill -9, OOM, node
+    loss) left beside it: temporary and trash directories of processes no longer running on this
+    host. A ``.old`` copy (replace_dir moved ``path`` aside and died before the rename) is put back
+    when ``path`` itself is missing. A process id alive here is never touched (it may be another
+    writer, or a reused id: erring towards keeping). Returns what was removed."""
+    import re
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(_LEFTOVER_RE.format(name=re.escape(path.name)))
+    removed = []
+    for entry in path.parent.iterdir():
+        m = pattern.match(entry.name)
+        if not m or pid_alive(int(m.group("pid") or m.group("tpid"))):
+            continue
+        if m.group("kind") == "old" and not path.exists():
+            os.replace(entry, path)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+class Terminated(SystemExit):
+    """SIGTERM/SIGHUP turned into an exception, so ``finally`` blocks that remove temporary files
+    run (the default action ends the process at once); exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def exit_on_signal(what: str) -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP raise :class:`Terminated` (main thread only; elsewhere a no-op),
+    and one stderr line says that ``what`` was stopped; the previous handlers come back after."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    except Terminated as exc:
+        print(f"ptft: {what} stopped by {signal.Signals(exc.signum).name}; its unfinished output was removed",
+              file=sys.stderr)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

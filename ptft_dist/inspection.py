@@ -15,26 +15,27 @@ from typing import Optional, TextIO
 import numpy as np
 
 from ptft_dist.config import DataConfig, load_config
-from ptft_dist.corpus.format import TOKENIZER_DIR, load_manifest, read_shard
-from ptft_dist.corpus.tokenizer import load_vocab
+from ptft_dist.corpus.format import Manifest, load_manifest
+from ptft_dist.corpus.tokenizer import load_tokenizer, load_vocab
 from ptft_dist.stream.dataset import VALIDATION_SEED, PretrainingStream
 from ptft_dist.stream.masking import IGNORE_INDEX
 from ptft_dist.stream.samples import IS_NEXT, NOT_NEXT
+from ptft_dist.stream.shard_cache import ShardCache
 
 _NSP_NAMES = {IS_NEXT: "IsNext", NOT_NEXT: "NotNext", IGNORE_INDEX: "-"}
 
 
 def inspect_corpus(args: argparse.Namespace) -> None:
     """``ptft inspect``: samples (``--samples``/``--ids``), else documents and statistics."""
+    cfg = load_config(args.config, args.overrides, command="inspect")  # data.storage_options for every read
     if args.samples or args.ids:
-        cfg = load_config(args.config, args.overrides)
         if args.seed is not None:
             cfg.data.seed = args.seed
         print_samples(args.corpus, cfg.data, args.samples or 0, args.epoch, args.world_size, args.rank,
                       ids_only=args.ids, split=args.split)
         return
-    print_documents(args.corpus, args.docs, args.split)
-    print_statistics(corpus_statistics(args.corpus, args.split))
+    print_documents(args.corpus, args.docs, args.split, cfg.data)
+    print_statistics(corpus_statistics(args.corpus, args.split, cfg.data))
 
 
 # --------------------------------------------------------------------------- documents and statistics
@@ -51,14 +52,23 @@ def token_count_histogram(lengths: np.ndarray, bins: int = 10) -> list[tuple[int
     return [(int(edges[i]), int(edges[i + 1]), int(c)) for i, c in enumerate(counts)]
 
 
-def corpus_statistics(corpus_dir: str | Path, split: str = "train") -> dict:
-    """Documents, sentences, tokens and a document-length histogram (tokens per document)."""
-    root = Path(corpus_dir)
-    manifest = load_manifest(root)
+def _shards(corpus: str | Path, data_cfg: Optional[DataConfig]) -> tuple[Manifest, ShardCache]:
+    """The manifest and shard access of a local or remote corpus (``data.storage_options``, ``data.cache_dir``)."""
+    data_cfg = data_cfg or DataConfig()
+    manifest = load_manifest(corpus, data_cfg.storage_options)
+    cache = ShardCache(str(corpus), cache_dir=data_cfg.cache_dir, storage_options=data_cfg.storage_options,
+                       limit_bytes=int(data_cfg.cache_limit_gb * (1 << 30)), verify=data_cfg.verify_checksums)
+    return manifest, cache
+
+
+def corpus_statistics(corpus_dir: str | Path, split: str = "train", data_cfg: Optional[DataConfig] = None) -> dict:
+    """Documents, sentences, tokens and a document-length histogram (tokens per document), from
+    the shard indexes only (a range read each for a remote corpus)."""
+    manifest, cache = _shards(corpus_dir, data_cfg)
     doc_tokens = []
     sent_tokens = []
     for info in manifest.shards(split):
-        data = read_shard(root / info.path)
+        data = cache.read_index(info)
         sent_lens = data.sentence_lengths()
         sent_tokens.append(sent_lens)
         per_doc = np.add.reduceat(sent_lens, data.doc_offsets[:-1].astype(np.int64)) if data.num_docs else []
@@ -78,15 +88,15 @@ def corpus_statistics(corpus_dir: str | Path, split: str = "train") -> dict:
     }
 
 
-def print_documents(corpus_dir: str | Path, n_docs: int, split: str = "train") -> None:
-    from tokenizers import Tokenizer
-
-    root = Path(corpus_dir)
-    manifest = load_manifest(root)
-    tok = Tokenizer.from_file(str(root / TOKENIZER_DIR / "tokenizer.json"))
+def print_documents(corpus_dir: str | Path, n_docs: int, split: str = "train",
+                    data_cfg: Optional[DataConfig] = None) -> None:
+    manifest, cache = _shards(corpus_dir, data_cfg)
+    tok = load_tokenizer(str(corpus_dir), (data_cfg or DataConfig()).storage_options)
     shown = 0
     for info in manifest.shards(split):
-        data = read_shard(root / info.path)
+        if shown >= n_docs:
+            return
+        data = cache.open(info)
         for d in range(data.num_docs):
             if shown >= n_docs:
                 return

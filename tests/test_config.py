@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptft_dist.config import Config, ConfigError, config_hash, load_config, save_resolved, schema_reference
+from ptft_dist.config import Config, ConfigError, config_hash, load_config, save_resolved
+from ptft_dist.config_docs import schema_reference
 
 
 def test_yaml_and_overrides_combine(tmp_path):

@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -141,10 +142,28 @@ def verify(path: str | Path) -> dict:
         if bad:
             raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(bad[:5])}")
         return manifest
+    if _written_here(path):
+        raise CheckpointError(_incomplete(path))
     if not _model_files(path):
         raise CheckpointError(f"{path}: not a checkpoint (no {COMPLETE} manifest and no model-state files)")
     log.warning("%s has no %s manifest (not written by this tool?): trusting its model files", path, COMPLETE)
     return {}
+
+
+def _written_here(path: Path) -> bool:
+    """A step dir this manager began (its RNG files, or a ``step_N`` beside ``latest``): without
+    ``COMPLETE`` its save was interrupted, however whole its files look (guarantee 5)."""
+    beside_latest = path.parent.name == CHECKPOINTS_DIR and (path.parent / LATEST).is_file()
+    return any(path.glob("rng_state_*.pt")) or (step_of(path.name) is not None and beside_latest)
+
+
+def _incomplete(path: Path) -> str:
+    latest = path.parent / LATEST
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    hint = (f"the last complete checkpoint of this run is {path.parent / tag}" if tag and tag != path.name
+            else "give a complete checkpoint (a step dir with COMPLETE) or the run directory")
+    return (f"{path}: incomplete checkpoint (no {COMPLETE}: its save was interrupted, so its files may be partial); "
+            f"{hint}")
 
 
 def _model_files(path: Path) -> list[Path]:
@@ -176,6 +195,8 @@ def find_checkpoint(path: str | Path) -> Path:
     step_dir = _follow_latest(p)
     if step_dir is None:
         if not (p / COMPLETE).is_file() and not _model_files(p):
+            if _written_here(p):
+                raise CheckpointError(_incomplete(p))
             raise CheckpointError(f"{p}: not a checkpoint: no '{LATEST}' file and no checkpoint files here "
                                   "(give a run directory, its checkpoints/ folder, or a step_N folder)")
         step_dir = p
@@ -261,9 +282,11 @@ class CheckpointManager:
                 raise CheckpointError(
                     f"checkpoint.resume=never but {self.root} already holds checkpoints (latest: {latest}); "
                     f"use a new train.run_dir, delete {self.root}, or set checkpoint.resume=auto")
+            self._refuse_unnamed_checkpoints(mode)
             self.cleanup_stale()
             return None
         if mode == "auto":
+            self._refuse_unnamed_checkpoints(mode)
             self.cleanup_stale()
             if self.latest_tag() is None:
                 return None
@@ -276,9 +299,24 @@ class CheckpointManager:
         except CheckpointError as exc:
             raise CheckpointError(f"checkpoint.resume: {exc}") from None
 
+    def _refuse_unnamed_checkpoints(self, mode: str) -> None:
+        """Complete checkpoints but no ``latest`` (deleted by hand, or copied without it): which one
+        to trust is the user's call, and nothing of theirs may be deleted to make room for a fresh
+        start (docs/design.md, guarantee 9)."""
+        if self.latest_tag() is not None:
+            return
+        complete = self.checkpoints()
+        if complete:
+            names = ", ".join(p.name for _, p in complete[-3:])
+            raise CheckpointError(
+                f"checkpoint.resume={mode}: {self.root} holds complete checkpoints ({names}) but no "
+                f"'{LATEST}' file naming one; set checkpoint.resume={complete[-1][1]} to continue from it, "
+                "or use a new train.run_dir")
+
     def cleanup_stale(self) -> list[Path]:
         """Rank 0: delete step dirs an interrupted save left behind (newer than ``latest``, or
-        incomplete), and temp/trash leftovers. Never touches the checkpoint ``latest`` names."""
+        incomplete), and temp/trash leftovers. Never touches the checkpoint ``latest`` names, nor a
+        complete one when there is no ``latest`` to compare with."""
         if self.rank != 0 or not self.root.is_dir():
             return []
         latest = self.latest_tag()
@@ -294,7 +332,7 @@ class CheckpointManager:
             s = step_of(p.name)
             if s is None or not p.is_dir() or p.name == latest:
                 continue
-            newer = latest_step is None or s > latest_step
+            newer = latest_step is not None and s > latest_step
             if newer or not (p / COMPLETE).is_file():
                 log.warning("removing stale checkpoint dir %s (interrupted save; latest is %s)", p, latest)
                 remove_tree(p)
@@ -302,17 +340,22 @@ class CheckpointManager:
         return removed
 
     # -- save
-    def save(self, engine: Any, step: int, client_state: dict) -> Path:
+    def save(self, engine: Any, step: int, client_state: dict,
+             extra_files: Optional[Callable[[Path], list[Path]]] = None) -> Path:
         """Write checkpoint ``step_{step}`` on every rank; move ``latest`` only when every rank's
         files are written and checked; prune. Raises :class:`CheckpointError` on every rank if any
-        rank failed (the partial directory is removed, ``latest`` is unchanged)."""
+        rank failed (the partial directory is removed, ``latest`` is unchanged).
+
+        ``extra_files(step_dir)``: called on every rank after the engine's files; writes more files
+        into the checkpoint (e.g. the probe logits ``ptft convert`` checks) and returns the paths it
+        wrote here, which are checked and listed in ``COMPLETE`` like the engine's."""
         tag = self.tag_for(step)
         path = self.root / tag
         t0 = time.time()
         if self._prepare_dir(tag, path):
             log.info("checkpoint %s already saved", tag)
             return path
-        files = self._write_and_check(engine, step, tag, path, client_state)
+        files = self._write_and_check(engine, step, tag, path, client_state, extra_files)
         self._seal(step, tag, path, client_state, files)
         log.info("checkpoint %s saved in %.1f s", path, time.time() - t0)
         return path
@@ -339,7 +382,8 @@ class CheckpointManager:
                                   f"{self.latest_tag()}")
         return already
 
-    def _write_and_check(self, engine: Any, step: int, tag: str, path: Path, client_state: dict) -> dict[str, int]:
+    def _write_and_check(self, engine: Any, step: int, tag: str, path: Path, client_state: dict,
+                         extra_files: Optional[Callable[[Path], list[Path]]] = None) -> dict[str, int]:
         """Step 2, every rank: write this rank's files, fsync and check them; then all ranks learn
         whether any failed. Returns every rank's files (relative path → size)."""
         state = dict(client_state)
@@ -353,6 +397,8 @@ class CheckpointManager:
             rng_file = _rng_file(path, self.rank)
             torch.save(capture_rng(), rng_file)
             written.append(rng_file)
+            if extra_files is not None:
+                written += list(extra_files(path))
             files = _check_written(written, path)
         except Exception as exc:  # any failure on any rank must reach all ranks
             err = f"{type(exc).__name__}: {exc}"

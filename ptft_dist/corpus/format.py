@@ -32,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from ptft_dist.corpus.storage import is_remote, missing_backend_hint
 from ptft_dist.errors import UserError
 from ptft_dist.fsutil import sha256_file, write_bytes_atomic, write_text_atomic
 
@@ -334,6 +335,8 @@ def load_manifest(corpus_dir: str | Path, storage_options: Optional[dict] = None
             raw = f.read()
     except FileNotFoundError:
         raise CorpusError(f"{corpus_dir}: not a corpus (no {MANIFEST_NAME}; did `ptft prepare` finish?)") from None
+    except ImportError as exc:  # s3:// without s3fs, gs:// without gcsfs
+        raise CorpusError(missing_backend_hint(url, exc)) from None
     except Exception as exc:  # remote errors come in many classes
         raise CorpusError(f"{url}: cannot read manifest: {exc}") from None
     try:
@@ -348,6 +351,9 @@ def load_manifest(corpus_dir: str | Path, storage_options: Optional[dict] = None
 
 def verify_corpus(corpus_dir: str | Path, progress: bool = False) -> list[str]:
     """Re-check every shard's size, checksum and structure. Returns a list of problems (empty = ok)."""
+    if is_remote(str(corpus_dir)):
+        raise CorpusError(f"{corpus_dir}: `ptft verify` checks a local corpus; a remote one is checked shard by shard "
+                          "as the stream downloads it (size and sha256 against the manifest)")
     root = Path(corpus_dir)
     manifest = load_manifest(root)
     problems: list[str] = []

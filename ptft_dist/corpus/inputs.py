@@ -12,12 +12,17 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import fsspec
 
 from ptft_dist.config import PrepareConfig
+from ptft_dist.corpus.output import InputScreen
+from ptft_dist.corpus.storage import StorageError, is_remote, url_to_fs
 from ptft_dist.errors import UserError
+from ptft_dist.log import get_logger
+
+log = get_logger("prepare")
 
 SourceKind = Literal["txt", "jsonl", "json", "parquet", "hf"]
 
@@ -62,30 +67,41 @@ def _has_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def resolve_sources(specs: list[str]) -> list[Source]:
-    """Expand files, folders, globs and URLs; fail on anything missing, empty or unreadable."""
+def resolve_sources(specs: list[str], storage_options: Optional[dict] = None,
+                    output: Optional[Path] = None) -> list[Source]:
+    """Expand files, folders, globs and URLs; fail on anything missing, empty or unreadable.
+    ``storage_options`` (``prepare.storage_options``): fsspec options for the remote ones.
+    ``output``: the corpus being written; no input may lie in it, and no file of it, of another
+    prepared corpus or of a ptft work directory is read from a folder or pattern (output.InputScreen)."""
+    screen = InputScreen(output)
     sources: list[Source] = []
     for spec in specs:
         if spec.startswith("hf:"):
             parse_hf_spec(spec)  # validates
             sources.append(Source(spec, "hf"))
         else:
-            sources += _file_sources(spec)
+            sources += _file_sources(spec, storage_options, screen)
     if not sources:
         raise InputError("no input given")
     return sources
 
 
-def _file_sources(spec: str) -> list[Source]:
+def _file_sources(spec: str, storage_options: Optional[dict] = None,
+                  screen: Optional[InputScreen] = None) -> list[Source]:
     """The files one local or fsspec spec names, each with its kind and size."""
     try:
-        fs, path = fsspec.core.url_to_fs(spec)
-    except (ImportError, ValueError) as exc:
-        raise InputError(f"{spec}: cannot open this URL ({exc})") from None
+        fs, path = url_to_fs(spec, storage_options if is_remote(spec) else None)
+    except StorageError as exc:
+        raise InputError(str(exc)) from None
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     unstrip = (lambda p: p) if protocol in ("file", "local") else fs.unstrip_protocol
     sources = []
-    for p in _expand(fs, path, spec, protocol):
+    paths, in_folder = _expand(fs, path, spec, protocol)
+    if screen is not None and protocol in ("file", "local"):
+        paths = screen.keep(spec, Path(_fixed_prefix(path)), paths)
+    if in_folder:
+        paths = _readable_of_folder(spec, paths)
+    for p in paths:
         kind = _kind_of(p)
         if kind is None:
             raise InputError(f"{unstrip(p)}: unsupported file type "
@@ -98,17 +114,41 @@ def _file_sources(spec: str) -> list[Source]:
     return sources
 
 
-def _expand(fs, path: str, spec: str, protocol: str) -> list[str]:
-    """A glob's matches, a folder's readable files, or the file itself; never an empty list."""
+def _fixed_prefix(path: str) -> str:
+    """Where a pattern starts: its path up to the folder holding the first wildcard (or the path)."""
+    if not _has_glob(path):
+        return path
+    head = path[: min(path.index(c) for c in "*?[" if c in path)]
+    return head if head.endswith("/") else str(Path(head).parent)
+
+
+def _readable_of_folder(spec: str, paths: list[str]) -> list[str]:
+    """The files of a folder input that prepare reads; the others are named in the log, not ignored silently."""
+    kept = [p for p in paths if _kind_of(p)]
+    skipped = [p for p in paths if not _kind_of(p)]
+    if not kept:
+        raise InputError(f"{spec}: folder holds no .txt/.jsonl/.json/.parquet files"
+                         + (f" ({len(skipped)} other file(s), e.g. {Path(skipped[0]).name})" if skipped else ""))
+    if skipped:
+        shown = ", ".join(Path(p).name for p in skipped[:5])
+        log.info(f"{spec}: skipped {len(skipped)} file(s) that are not .txt/.jsonl/.json/.parquet "
+                 f"(optionally .gz/.zst/.bz2/.xz): {shown}{' ...' if len(skipped) > 5 else ''}")
+    return kept
+
+
+def _expand(fs, path: str, spec: str, protocol: str) -> tuple[list[str], bool]:
+    """A glob's matches, a folder's files, or the file itself (never an empty list); and whether
+    they are a folder's (whose unreadable kinds are skipped rather than refused)."""
+    in_folder = False
     try:
         if _has_glob(path):
             paths = sorted(fs.glob(path))
             if not paths:
                 raise InputError(f"{spec}: the pattern matches no files")
         elif fs.isdir(path):
-            paths = sorted(p for p in fs.find(path) if _kind_of(p))
+            paths, in_folder = sorted(fs.find(path)), True
             if not paths:
-                raise InputError(f"{spec}: folder holds no .txt/.jsonl/.json/.parquet files")
+                raise InputError(f"{spec}: folder is empty")
         elif fs.isfile(path) or (protocol in ("http", "https") and fs.exists(path)):
             paths = [path]
         else:
@@ -117,7 +157,9 @@ def _expand(fs, path: str, spec: str, protocol: str) -> list[str]:
         raise
     except (FileNotFoundError, OSError) as exc:
         raise InputError(f"{spec}: cannot read ({exc})") from None
-    return paths
+    except Exception as exc:  # remote stores raise their own classes (botocore's NoCredentialsError, ...)
+        raise InputError(f"{spec}: cannot read ({type(exc).__name__}: {exc}; check prepare.storage_options)") from None
+    return paths, in_folder
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
@@ -142,7 +184,16 @@ class ReadCounters:
 
     decode_replaced: int = 0  # lines/records whose bytes were not valid UTF-8 (replaced with U+FFFD)
     bad_json_skipped: int = 0
-    empty_skipped: int = 0
+    null_skipped: int = 0  # records whose text field is null
+    empty_skipped: int = 0  # records whose text field is ""
+
+    def keep(self, text: str | None) -> bool:
+        """Whether a record's text is a document; a null or empty one is counted, never dropped silently."""
+        if text is None:
+            self.null_skipped += 1
+        elif not text:
+            self.empty_skipped += 1
+        return bool(text)
 
 
 def _decode(raw: bytes, where: str, cfg: PrepareConfig, counters: ReadCounters) -> str:
@@ -157,8 +208,8 @@ def _decode(raw: bytes, where: str, cfg: PrepareConfig, counters: ReadCounters) 
         return raw.decode("utf-8", errors="replace")
 
 
-def _open(url: str):
-    return fsspec.open(url, "rb", compression="infer")
+def _open(url: str, cfg: PrepareConfig):
+    return fsspec.open(url, "rb", compression="infer", **(cfg.storage_options if is_remote(url) else {}))
 
 
 def _lines(f) -> Iterator[bytes]:
@@ -170,7 +221,7 @@ def _lines(f) -> Iterator[bytes]:
 
 
 def read_txt(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Iterator[str]:
-    with _open(src.url) as f:
+    with _open(src.url, cfg) as f:
         if cfg.txt_doc_boundary == "file":
             text = _decode(f.read(), src.url, cfg, counters)
             if text.strip():
@@ -219,7 +270,7 @@ def _text_of(record: object, where: str, field: str) -> str | None:
 
 
 def read_jsonl(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Iterator[str]:
-    with _open(src.url) as f:
+    with _open(src.url, cfg) as f:
         if src.kind == "json" and f.read(4096).lstrip()[:1] == b"[":  # a JSON array, not JSON lines
             f.seek(0)
             try:
@@ -230,7 +281,7 @@ def read_jsonl(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Itera
                 raise InputError(f"{src.url}: expected a JSON array of objects, or JSON lines")
             for i, rec in enumerate(records):
                 text = _text_of(rec, f"{src.url}[{i}]", cfg.text_field)
-                if text:
+                if counters.keep(text):
                     yield text
             return
         f.seek(0)
@@ -249,14 +300,14 @@ def read_jsonl(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Itera
                     f"{where}: malformed JSON ({exc}); set prepare.on_bad_json=skip to skip such lines"
                 ) from None
             text = _text_of(record, where, cfg.text_field)
-            if text:
+            if counters.keep(text):
                 yield text
 
 
 def read_parquet(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    with _open(src.url) as f:
+    with _open(src.url, cfg) as f:
         try:
             pf = pq.ParquetFile(f)
         except Exception as exc:
@@ -267,7 +318,9 @@ def read_parquet(src: Source, cfg: PrepareConfig, counters: ReadCounters) -> Ite
                              "set prepare.text_field")
         for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024):
             for text in batch.column(0).to_pylist():
-                if isinstance(text, str) and text:
+                if text is not None and not isinstance(text, str):
+                    raise InputError(f"{src.url}: column '{cfg.text_field}' holds {type(text).__name__}, not text")
+                if counters.keep(text):
                     yield text
 
 
@@ -295,7 +348,7 @@ def read_hf(src: Source, cfg: PrepareConfig, counters: ReadCounters, rank: int, 
     ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     for i, record in enumerate(ds):
         text = _text_of(record, f"{src.url}[{i}]", cfg.text_field)
-        if text:
+        if counters.keep(text):
             yield text
 
 

@@ -29,43 +29,11 @@ from pathlib import Path
 
 from ptft_dist.config import Config, PrepareConfig, config_hash, save_resolved
 from ptft_dist.corpus.inputs import InputError, Source, resolve_sources
-from ptft_dist.corpus.report import REPORT_NAME, WORK_DIR, log_report, stage_metrics, step_counts
+from ptft_dist.corpus.output import claim_output
+from ptft_dist.corpus.report import WORK_DIR, log_report, stage_metrics, step_counts
 from ptft_dist.log import get_logger
 
 log = get_logger("prepare")
-_STATE = "state.json"
-_OWNED = ("manifest.json", "tokenizer", "train", "validation", WORK_DIR, REPORT_NAME, "resolved_config.yaml")
-
-
-# --------------------------------------------------------------------------- output directory
-
-
-def _claim_output(out: Path, fingerprint: dict, overwrite: bool) -> bool:
-    """Decide between fresh start, resume and refusal. Returns True when resuming."""
-    state_file = out / WORK_DIR / _STATE
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: output exists and is not a directory")
-    if overwrite:
-        for name in _OWNED:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    elif (out / "manifest.json").exists():
-        raise InputError(f"{out}: already holds a finished corpus; pass --overwrite to replace it")
-    elif state_file.exists():
-        previous = json.loads(state_file.read_text())
-        if previous != fingerprint:
-            raise InputError(
-                f"{out}: holds an unfinished prepare of other inputs or settings; pass --overwrite to start over"
-            )
-        return True
-    elif out.exists() and any(out.iterdir()):
-        raise InputError(f"{out}: output directory exists and is not empty; pass --overwrite to use it")
-    (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
-    (out / WORK_DIR / _STATE).write_text(json.dumps(fingerprint, indent=1))
-    return False
 
 
 # --------------------------------------------------------------------------- stages
@@ -196,9 +164,9 @@ def prepare(inputs: list[str], output: str | Path, cfg: Config, overwrite: bool 
     os.environ.setdefault("TQDM_DISABLE", "1")  # before datatrove imports tqdm: its per-task bars are noise here
     pcfg = cfg.prepare
     out = Path(output).resolve()
-    sources = resolve_sources(inputs)
+    sources = resolve_sources(inputs, pcfg.storage_options, output=out)
     fingerprint = {"inputs": sorted(s.url for s in sources), "config": config_hash(pcfg)}
-    resumed = _claim_output(out, fingerprint, overwrite)
+    resumed = claim_output(out, fingerprint, overwrite)
     save_resolved(cfg, out)
     total_mb = sum(s.size for s in sources) / 2**20
     log.info(f"{len(sources)} source(s), {total_mb:.1f} MB → {out}" + (" (resuming)" if resumed else ""))
@@ -230,6 +198,8 @@ def _run_stage(i: int, n: int, stage: _Stage, executor, sources: list[Source], o
     log.info(f"      done in {time.perf_counter() - t0:.1f}s")
     if stage.name == "ingest":
         _check_ingest(out)
+    if stage.name == "dedup":
+        _check_training_documents(out)
     _record_time(out, stage.name, time.perf_counter() - t0)
 
 
@@ -293,10 +263,26 @@ def _check_ingest(out: Path) -> None:
     ingest = stage_metrics(out / WORK_DIR, "ingest")
     counts = step_counts(ingest, "read")
     if not counts.get("input_docs"):
+        nulls, empties = counts.get("null_text_skipped", 0), counts.get("empty_text_skipped", 0)
+        if nulls or empties:
+            raise InputError(f"the inputs contain no documents: every record's text field is null ({nulls}) "
+                             f"or empty ({empties}); is prepare.text_field the right field?")
         raise InputError("the inputs contain no documents (empty files?)")
     if not step_counts(ingest, "clean+pii").get("clean_docs"):
         raise InputError(f"all {counts['input_docs']} documents were dropped by the cleaning filters "
                          "(see prepare.clean.*)")
+
+
+def _check_training_documents(out: Path) -> None:
+    """Stop before tokenizer training when no document is left for the train split, saying why."""
+    counts = step_counts(stage_metrics(out / WORK_DIR, "dedup"), "sentences")
+    if counts.get("train_docs"):
+        return
+    if counts.get("validation_docs"):
+        raise InputError(f"all {counts['validation_docs']} documents went to the validation split and none to "
+                         "train: lower prepare.validation_fraction")
+    raise InputError(f"no document has a sentence of prepare.min_sentence_chars characters or more "
+                     f"({counts.get('dropped_no_sentences', 0)} dropped): lower prepare.min_sentence_chars")
 
 
 def _record_time(out: Path, stage: str, seconds: float) -> None:

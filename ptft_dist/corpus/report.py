@@ -48,7 +48,9 @@ def build_report(root: Path, manifest: Manifest) -> dict:
     report = {
         "read": {"files": read.get("input_files", 0), "documents": read.get("input_docs", 0),
                  "megabytes": round(input_mb, 3), "decode_replaced": read.get("decode_replaced", 0),
-                 "bad_json_skipped": read.get("bad_json_skipped", 0)},
+                 "bad_json_skipped": read.get("bad_json_skipped", 0),
+                 "null_text_skipped": read.get("null_text_skipped", 0),
+                 "empty_text_skipped": read.get("empty_text_skipped", 0)},
         "clean": {"kept": clean.get("clean_docs", 0),
                   "dropped": {k[len("dropped_"):]: v for k, v in clean.items() if k.startswith("dropped_")}},
         "pii": {k[len("pii_"):]: v for k, v in clean.items() if k.startswith("pii_")},
@@ -73,7 +75,9 @@ def log_report(corpus_dir: str | Path) -> None:
     rows = [
         ("read", f"{read['documents']:,} docs from {read['files']} file part(s), {read['megabytes']:.1f} MB"
                  + (f", {read['decode_replaced']} undecodable repaired" if read["decode_replaced"] else "")
-                 + (f", {read['bad_json_skipped']} bad JSON lines skipped" if read["bad_json_skipped"] else "")),
+                 + (f", {read['bad_json_skipped']} bad JSON lines skipped" if read["bad_json_skipped"] else "")
+                 + (f", {n} null texts skipped" if (n := read.get("null_text_skipped")) else "")
+                 + (f", {n} empty texts skipped" if (n := read.get("empty_text_skipped")) else "")),
         ("clean", f"{r['clean']['kept']:,} kept; dropped "
                   + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none")),
         ("pii", ", ".join(f"{k} {v}" for k, v in r["pii"].items()) or "none found"),

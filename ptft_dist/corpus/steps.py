@@ -108,6 +108,8 @@ class ReadSources(PipelineStep):
         progress.flush()
         self.stat_update("decode_replaced", value=counters.decode_replaced)
         self.stat_update("bad_json_skipped", value=counters.bad_json_skipped)
+        self.stat_update("null_text_skipped", value=counters.null_skipped)
+        self.stat_update("empty_text_skipped", value=counters.empty_skipped)
 
 
 class CleanAndScrub(PipelineStep):

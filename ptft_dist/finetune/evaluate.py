@@ -24,10 +24,13 @@ from ptft_dist.finetune.batches import Encoded, batches, collate, encode, eval_s
 from ptft_dist.finetune.model import Exported, FinetuneError, load_exported
 from ptft_dist.finetune.scores import classification_metrics, regression_metrics
 from ptft_dist.finetune.tasks import SPLITS, load_task
+from ptft_dist.log import get_logger
 
 METRICS = {"classification": ("accuracy", "macro_f1", "mcc", "loss"),
            "regression": ("pearson", "spearman", "mse", "loss")}
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
+
+log = get_logger("evaluate")
 
 
 # --------------------------------------------------------------------------- logits and metrics
@@ -109,10 +112,10 @@ def evaluate_model(model_dir: str | Path, cfg: FinetuneConfig, split: str = "tes
     if split not in SPLITS:
         raise FinetuneError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     device = device or _device()
+    task = load_task(cfg)  # the data's refusals first: they need no model loaded
     ex = load_exported(model_dir, device)
     if ex.task_type != cfg.task_type:
         raise FinetuneError(f"{model_dir}: a {ex.task_type} model, but finetune.task_type={cfg.task_type}")
-    task = load_task(cfg)
     data = task.splits[split]
     labels = data.labels
     if ex.task_type == "classification":
@@ -122,6 +125,12 @@ def evaluate_model(model_dir: str | Path, cfg: FinetuneConfig, split: str = "tes
                             ex.tokenizer.pad_token_id)
     out = task_metrics(ex.task_type, labels, logits)
     out.update(split=split, examples=len(data), model=str(model_dir), kind=ex.kind)
+    notes = [w for w in task.warnings if f"the {split} split" in w]
+    for note in notes:
+        log.warning(note)
+    if split in task.empty_skipped:
+        log.info(f"{split} split: {task.empty_skipped[split]} empty text(s) skipped")
+    out.update(empty_texts_skipped=task.empty_skipped.get(split, 0), warnings=notes)
     return out
 
 

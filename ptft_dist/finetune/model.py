@@ -34,7 +34,7 @@ import torch
 
 from ptft_dist.config import FinetuneConfig
 from ptft_dist.errors import UserError
-from ptft_dist.fsutil import replace_dir
+from ptft_dist.fsutil import remove_stale_temps, replace_dir
 
 META_FILE = "ptft_finetune.json"
 ADAPTER_DIR = "adapter"
@@ -260,6 +260,7 @@ def export_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetun
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(out)  # what a killed export left (kill -9: no cleanup ran)
     model = build_model(model_dir, label_names, cfg, seed=seed)
     names = {n for n, _ in model.named_parameters()}
     unknown = sorted(set(trained) - names)
@@ -298,6 +299,18 @@ def export_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetun
 
 
 # --------------------------------------------------------------------------- loading an export
+
+
+def require_trained_head(path: Path, missing_keys: Sequence[str]) -> None:
+    """A directory without ``ptft_finetune.json`` is used for inference only if its weights hold the
+    classification head: a pretrained encoder (a ``ptft convert`` export, MiniLM) would get a freshly
+    drawn random head, and so random labels that change from run to run (docs/design.md, guarantee 9)."""
+    head = sorted(k for k in missing_keys if k.startswith(("classifier.", "score.")))
+    if head:
+        what = "a `ptft convert` export" if (path / "ptft_export.json").is_file() else "a pretrained encoder"
+        raise FinetuneError(f"{path}: no trained classification head ({what}: {', '.join(head)} not in its weights, "
+                            "so every label would be random); fine-tune it first: ptft finetune --model "
+                            f"{path} --output-dir OUT ..., then use OUT/best")
 
 
 @dataclass
@@ -339,9 +352,12 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
         check_model_dir(p, what="--model")
         try:
             with _quiet_transformers():
-                model = AutoModelForSequenceClassification.from_pretrained(str(p)).float()
+                model, info = AutoModelForSequenceClassification.from_pretrained(str(p), output_loading_info=True)
+            model = model.float()
         except Exception as exc:
             raise FinetuneError(f"{p}: cannot load as a sequence classifier ({type(exc).__name__}: {exc})") from None
+        if meta is None:
+            require_trained_head(p, info.get("missing_keys", []))
         kind = "merged"
         config = model.config
     task_type = meta.task_type if meta else ("regression" if config.problem_type == "regression" else "classification")

@@ -3,7 +3,8 @@
 ``ptft finetune`` reads the ``finetune`` section, plus the engine settings of ``train.*`` and
 ``optim.*`` that it honours (backend, ZeRO stage, offload, DeepSpeed JSON, precision, gradient
 accumulation, global batch check, seed, log interval; optimizer name, weight decay, betas, eps,
-gradient clipping, min lr ratio). The pretraining keys that fine-tuning has its own setting for
+gradient clipping, min lr ratio) and of ``checkpoint.*`` (keep_last, requeue_exit_code: the
+preemption protocol pretraining uses). The pretraining keys that fine-tuning has its own setting for
 (``optim.lr`` → ``finetune.lr``, ``train.max_steps`` → ``finetune.epochs``, ...) are refused when
 set, rather than silently overridden: a value the user wrote is either used or an error
 (docs/finetuning.md, "Settings"; docs/design.md, guarantee 7).
@@ -15,37 +16,21 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ptft_dist.config import Config, FinetuneConfig, OptimConfig, TrainConfig
+from ptft_dist.config import CheckpointConfig, Config, FinetuneConfig, OptimConfig, TrainConfig
+from ptft_dist.config_rules import FINETUNE_NOT_USED, unused_key_problems
 from ptft_dist.finetune.evaluate import check_metric
 from ptft_dist.finetune.model import FinetuneError
 
-# The train.* / optim.* keys a fine-tuning run does not read, and what to set instead. Every other
-# key of those two sections is honoured; the sections data, model, checkpoint and prepare belong to
-# other stages and are not read at all.
-NOT_USED: dict[str, str] = {
-    "optim.lr": "set finetune.lr (finetune.lora_lr for LoRA)",
-    "optim.schedule": "set finetune.warmup_ratio (fine-tuning always warms up linearly, then decays linearly)",
-    "optim.warmup_steps": "set finetune.warmup_ratio",
-    "optim.decay_fraction": "set finetune.warmup_ratio (fine-tuning always decays linearly after warmup)",
-    "train.micro_batch_size": "set finetune.batch_size",
-    "train.max_steps": "set finetune.epochs",
-    "train.eval_every": "remove it (fine-tuning validates after every epoch)",
-    "train.eval_batches": "remove it (fine-tuning validates on the whole validation split)",
-    "train.run_dir": "set finetune.output_dir",
-    "train.device_peak_tflops": "remove it (fine-tuning reports no MFU)",
-    "train.log_sample_ids": "remove it (fine-tuning logs no sample ids)",
-}
-_SECTIONS = {"optim": OptimConfig, "train": TrainConfig}
+# The train.* / optim.* / checkpoint.* keys a fine-tuning run does not read, and what to set instead.
+# Every other key of those sections is honoured; the sections data, model and prepare belong to
+# other stages and are refused when set (one mechanism for every command: config_rules.SCOPES).
+NOT_USED: dict[str, str] = FINETUNE_NOT_USED
 
 
 def refuse_unused_keys(cfg: Config) -> None:
-    """A pretraining-only key set to anything but its default is an error: the user meant it to
-    change something, and fine-tuning would silently run without it."""
-    problems = []
-    for key, hint in NOT_USED.items():
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) != getattr(_SECTIONS[section](), name):
-            problems.append(f"{key} is not used by ptft finetune; {hint}")
+    """A key fine-tuning does not read, set to anything but its default, is an error: the user meant
+    it to change something, and fine-tuning would silently run without it."""
+    problems = unused_key_problems(cfg, "finetune")
     if problems:
         raise FinetuneError(". ".join(problems))
 
@@ -88,6 +73,7 @@ class Settings:
     grad_accum: int  # train.grad_accum
     engine_train: TrainConfig  # honoured: backend, zero_stage, offload_*, deepspeed_config, precision, global_batch_size
     engine_optim: OptimConfig  # honoured: name, weight_decay, betas, eps, grad_clip, min_lr_ratio
+    checkpoint: CheckpointConfig  # every/resume from finetune.checkpoint_every/resume; keep_last, requeue_exit_code
 
 
 def read_settings(cfg: Config) -> Settings:
@@ -95,7 +81,8 @@ def read_settings(cfg: Config) -> Settings:
     check_settings(cfg)
     ft = cfg.finetune
     return Settings(ft=ft, lr=effective_lr(ft), seed=cfg.train.seed, log_every=max(cfg.train.log_every, 1),
-                    grad_accum=cfg.train.grad_accum, engine_train=cfg.train, engine_optim=cfg.optim)
+                    grad_accum=cfg.train.grad_accum, engine_train=cfg.train, engine_optim=cfg.optim,
+                    checkpoint=dataclasses.replace(cfg.checkpoint, every=ft.checkpoint_every, resume=ft.resume))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ class Split:
 class TaskData:
     splits: dict[str, Split]
     label_names: list[str] = field(default_factory=list)  # id -> original label (classification)
+    empty_skipped: dict[str, int] = field(default_factory=dict)  # split -> examples dropped for an empty text
+    warnings: list[str] = field(default_factory=list)  # splits whose metrics mean little (one class)
 
     @property
     def num_labels(self) -> int:
@@ -63,6 +65,8 @@ def _read_table(path: str, cfg: FinetuneConfig) -> dict[str, list]:
     try:
         ds = datasets.load_dataset(kind, data_files=path, split="train", **kwargs)
     except Exception as exc:
+        if _has_no_rows(path, kind):
+            return {}
         raise InputError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
     return ds.to_dict()
 
@@ -108,10 +112,79 @@ def load_task(cfg: FinetuneConfig) -> TaskData:
     raw = _read_splits(cfg)
     if "train" not in raw:
         raise InputError("finetune.train_file: required (or finetune.hf_dataset with a train split)")
+    for split, (where, table) in raw.items():
+        if not any(len(v) for v in table.values()):
+            raise InputError(f"{where}: the {split} split has no examples")
     columns = {s: (where, *_columns(t, where, cfg)) for s, (where, t) in raw.items()}
+    skipped = _drop_empty_texts(columns, cfg)
+    carved = [s for s in ("validation", "test") if s not in columns]
     _carve_missing_splits(columns, cfg.split_seed)
+    _check_carved(columns, carved)
     _subsample_train(columns, cfg.max_train_samples, cfg.split_seed)
-    return _encode_labels(columns, cfg)
+    task = _encode_labels(columns, cfg)
+    task.empty_skipped = skipped
+    task.warnings = [w for split, (where, *_) in columns.items() if (w := _one_class_warning(task, split, where))]
+    return task
+
+
+def _has_no_rows(path: str, kind: str) -> bool:
+    """A local table file with nothing but (at most) a header line: the datasets reader fails on it."""
+    if "://" in path or path.lower().endswith((".gz", ".zst", ".bz2", ".xz", ".parquet")):
+        return False
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return False
+    return len(lines) <= (1 if kind == "csv" else 0)
+
+
+def _is_empty(text: str, pair: Optional[str]) -> bool:
+    return not text.strip() and (pair is None or not pair.strip())
+
+
+def _drop_empty_texts(columns: dict[str, Columns], cfg: FinetuneConfig) -> dict[str, int]:
+    """Examples without any text carry nothing but a label: skipped and counted per split; a split
+    of nothing else is refused (its metrics would describe the label prior, not the model)."""
+    skipped = {}
+    for split, cols in list(columns.items()):
+        where, texts, pairs, labels = cols
+        keep = np.asarray([not _is_empty(t, pairs[i] if pairs else None) for i, t in enumerate(texts)], dtype=bool)
+        if not keep.any():
+            raise InputError(f"{where}: the {split} split has no non-empty text (all {len(texts)} rows are empty in "
+                             f"column '{cfg.text_column}'); check finetune.text_column")
+        _check_labels_present(where, split, labels, cfg)
+        if not keep.all():
+            skipped[split] = int((~keep).sum())
+            columns[split] = _take(cols, np.flatnonzero(keep))
+    return skipped
+
+
+def _check_labels_present(where: str, split: str, labels: list, cfg: FinetuneConfig) -> None:
+    missing = [i for i, x in enumerate(labels) if x is None or (isinstance(x, float) and x != x)]
+    if missing:
+        raise InputError(f"{where}: {len(missing)} row(s) of the {split} split have no value in label column "
+                         f"'{cfg.label_column}' (first: data row {missing[0] + 1})")
+
+
+def _check_carved(columns: dict[str, Columns], carved: list[str]) -> None:
+    where, n = columns["train"][0], len(columns["train"][1]) + sum(len(columns[s][1]) for s in carved)
+    for split in carved:
+        if not columns[split][1]:
+            raise InputError(f"{where}: the {split} split is empty: {n} examples are too few to carve one out "
+                             f"(about 10% go to each of validation and test); give finetune.{split}_file")
+
+
+def _one_class_warning(task: TaskData, split: str, where: str) -> str:
+    """A validation/test split of one class (or one regression target): its numbers mean little."""
+    if split == "train":
+        return ""
+    values = np.unique(task.splits[split].labels)
+    if len(values) != 1:
+        return ""
+    if task.label_names:
+        return (f"{where}: the {split} split has one class only ({task.label_names[int(values[0])]!r}): accuracy "
+                f"can reach 1.0 by always predicting it; give a {split} split with examples of every class")
+    return f"{where}: every target of the {split} split is {float(values[0])}: correlations are undefined there"
 
 
 def _read_splits(cfg: FinetuneConfig) -> dict[str, tuple[str, dict[str, list]]]:

@@ -74,8 +74,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     """Write ``report.md`` and ``plots/*.png`` (default: into RUN_DIR/report); returns the Markdown path."""
     run = Path(run_dir)
     out = Path(out_dir) if out_dir else run / "report"
+    series = read_metrics(run)  # before anything is written: a wrong path leaves no report folder behind
+    if not series:
+        raise FileNotFoundError(f"{run / 'metrics.jsonl'} holds no metrics (did the run log any step?)")
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    series = read_metrics(run)
     md = [f"# Run report: `{run}`", ""]
     md += ["| series | points | first | last | min | max |", "|---|---|---|---|---|---|"]
     for (split, name), points in sorted(series.items()):

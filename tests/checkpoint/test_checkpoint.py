@@ -171,6 +171,23 @@ def test_interrupted_save_dirs_are_removed_on_resume(tmp_path):
     assert m.latest_tag() == "step_6"
 
 
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_complete_checkpoints_without_latest_are_refused_not_deleted(tmp_path, mode):
+    """A user who deleted ``latest`` (or copied the step dirs without it) must not lose them: the
+    resume is refused with the path to pass, and every checkpoint stays on disk."""
+    m, e = mgr(tmp_path), FakeEngine()
+    for s in (2, 4):
+        m.save(e, s, {})
+    (m.root / "latest").unlink()
+    (m.root / "step_6").mkdir()  # an interrupted save beside them
+    m.cfg.resume = mode
+    with pytest.raises(CheckpointError, match=r"no 'latest'.*checkpoint.resume=.*step_4"):
+        m.resolve_resume()
+    assert (m.root / "step_2" / "COMPLETE").is_file() and (m.root / "step_4" / "COMPLETE").is_file()
+    m.cfg.resume = str(m.root / "step_4")
+    assert m.resolve_resume() == m.root / "step_4"
+
+
 def test_latest_pointing_nowhere_is_an_error(tmp_path):
     m = mgr(tmp_path)
     m.root.mkdir(parents=True)

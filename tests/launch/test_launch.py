@@ -11,14 +11,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from ptft_dist.dist.discover import free_port
 from ptft_dist.dist.launcher_env import encode_argv
+from tests.netns_hosts import TwoHosts, base_env
 from tests.slurm_cluster import SlurmCluster
+from tests.system import require_system
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = str(REPO / "launch.sh")
@@ -27,24 +28,6 @@ ROOT = os.geteuid() == 0
 WEIRD = """it's a "quoted" arg with $HOME and \\ and  two spaces"""
 PROG = ["ptft", "pretrain", "--config", "c.yaml", "train.steps=10"]
 PROG_TAIL = "-m ptft_dist.cli pretrain --config c.yaml train.steps=10"
-
-_DROP = ("SLURM_", "SLURMD_", "SBATCH_", "SRUN_", "OMPI_", "PMIX_", "PMI_", "TORCHELASTIC_")
-_DROP_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"}
-
-
-def base_env(**over: str) -> dict[str, str]:
-    """This process's environment without any launcher/job variables, the GPU count pinned to 0."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP) and k not in _DROP_NAMES}
-    env = {k: v for k, v in env.items() if not k.startswith("PTFT_")}
-    env.update(
-        PTFT_PYTHON=PY,
-        PTFT_NUM_GPUS="0",
-        OMP_NUM_THREADS="1",
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-    )
-    env.update(over)
-    return env
-
 
 def launch(*args: str, env: dict[str, str] | None = None, cwd: Path | str | None = None, timeout: float = 30):
     return subprocess.run(
@@ -371,8 +354,8 @@ def _runs():
 @pytest.mark.distributed
 @pytest.mark.parametrize(("mode_args", "n", "launcher"), _runs())
 def test_selftest_through_launcher(tmp_path, mode_args, n, launcher):
-    if ("mpirun" in mode_args or "openmpi" in mode_args) and shutil.which("mpirun") is None:
-        pytest.skip("OpenMPI not installed (scripts/install_system_deps.sh)")
+    if "mpirun" in mode_args or "openmpi" in mode_args:
+        require_system([] if shutil.which("mpirun") else ["mpirun (OpenMPI)"], "the OpenMPI launcher tests")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     args = [a.format(port=free_port(), hostfile=hostfile) for a in mode_args]
@@ -448,141 +431,6 @@ def test_inconsistent_slurm_layout_fails_before_init(slurm_cluster: SlurmCluster
 
 
 # --------------------------------------------------------------------------- two hosts (network namespaces + sshd)
-
-
-class TwoHosts:
-    """Two "hosts" on this machine: network + UTS + mount namespaces joined by a veth pair (``ptft0`` on
-    both sides), each with its own hostname, /etc/hosts and an sshd that accepts one test key.
-
-    ``ssh`` on the PATH of ``env()`` is a wrapper using a private ssh_config (the real ~/.ssh is not
-    touched). Only the namespaces, links and daemons made here are removed by ``stop()``. DeepSpeed's
-    pdsh runner runs ``pkill -f`` on every host when it is interrupted, and the namespaces share one
-    process table: the launcher is never interrupted here (a timeout kills it with SIGKILL).
-    """
-
-    NAMES = ("hosta", "hostb")
-    IFNAME = "ptft0"
-
-    def __init__(self, root: Path, subnet: str = "10.213.7"):
-        self.root = root
-        tag = f"{os.getpid() % 100000}"
-        self.netns = [f"ptft{tag}a", f"ptft{tag}b"]
-        self.veth = [f"pa{tag}", f"pb{tag}"]
-        self.addrs = [f"{subnet}.1", f"{subnet}.2"]
-        self.procs: list[subprocess.Popen] = []
-        self.made: list[str] = []
-
-    @staticmethod
-    def _sh(*args: str) -> None:
-        subprocess.run(list(args), check=True, capture_output=True, text=True, timeout=30)
-
-    def start(self) -> TwoHosts:
-        r = self.root
-        r.mkdir(parents=True, exist_ok=True)
-        key = r / "id_ed25519"
-        self._sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
-        (r / "authorized_keys").write_text((r / "id_ed25519.pub").read_text())
-        hosts = "".join(f"{a} {n}\n" for a, n in zip(self.addrs, self.NAMES, strict=True))
-        (r / "hosts").write_text("127.0.0.1 localhost\n" + hosts)
-        (r / "resolv.conf").write_text("")
-        (r / "ssh_config").write_text(
-            f"Host *\n  IdentityFile {key}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
-            "  LogLevel ERROR\n  BatchMode yes\n  ConnectTimeout 5\n"
-        )
-        (r / "bin").mkdir(exist_ok=True)
-        wrapper = r / "bin" / "ssh"
-        wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {r}/ssh_config "$@"\n')
-        wrapper.chmod(0o755)
-        for ns in self.netns:
-            self._sh("ip", "netns", "add", ns)
-            self.made.append(ns)
-        self._sh("ip", "link", "add", self.veth[0], "type", "veth", "peer", "name", self.veth[1])
-        for ns, veth, addr in zip(self.netns, self.veth, self.addrs, strict=True):
-            self._sh("ip", "link", "set", veth, "netns", ns)
-            self._sh("ip", "-n", ns, "link", "set", veth, "name", self.IFNAME)
-            self._sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", self.IFNAME)
-            self._sh("ip", "-n", ns, "link", "set", self.IFNAME, "up")
-            self._sh("ip", "-n", ns, "link", "set", "lo", "up")
-        for ns, name, addr in zip(self.netns, self.NAMES, self.addrs, strict=True):
-            run = r / f"run-{name}"  # a private /run (sshd wants /run/sshd)
-            (run / "sshd").mkdir(parents=True, exist_ok=True)
-            hostkey = r / f"hostkey-{name}"
-            self._sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey))
-            cfg = r / f"sshd_config-{name}"
-            cfg.write_text(
-                f"Port 22\nListenAddress {addr}\nHostKey {hostkey}\nAuthorizedKeysFile {r}/authorized_keys\n"
-                "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                f"UsePAM no\nStrictModes no\nPidFile {run}/sshd.pid\nPrintMotd no\nMaxStartups 100\nMaxSessions 100\n"
-            )
-            boot = (
-                f"hostname {name} && mount --bind {r}/hosts /etc/hosts && mount --bind {r}/resolv.conf "
-                f"/etc/resolv.conf && mount --bind {run} /run && exec /usr/sbin/sshd -D -e -f {cfg}"
-            )
-            with open(r / f"sshd-{name}.log", "ab") as log:
-                self.procs.append(
-                    subprocess.Popen(
-                        ["ip", "netns", "exec", ns, "unshare", "--uts", "--mount", "--propagation", "private"]
-                        + ["bash", "-c", boot],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                )
-        for name in self.NAMES:
-            deadline = time.monotonic() + 20
-            while True:
-                proc = self.run_on(0, ["ssh", name, "hostname"], timeout=10)
-                if proc.returncode == 0 and proc.stdout.strip() == name:
-                    break
-                if time.monotonic() > deadline:
-                    log = (r / f"sshd-{name}.log").read_text(errors="replace")
-                    raise RuntimeError(f"sshd on {name} did not answer: {proc.stderr}\n{log}")
-                time.sleep(0.2)
-        return self
-
-    def env(self, **over: str) -> dict[str, str]:
-        env = base_env(GLOO_SOCKET_IFNAME=self.IFNAME, **over)
-        env["PATH"] = f"{self.root}/bin{os.pathsep}{env['PATH']}"
-        return env
-
-    def run_on(self, host: int, argv: list[str], *, env=None, cwd=None, timeout: float = 60):
-        """Run ``argv`` on host ``host`` (0 or 1): inside its network, UTS and mount namespaces."""
-        # nsenter --mount would otherwise move to the target's working directory ("/")
-        wd = [f"--wd={cwd or os.getcwd()}"]
-        cmd = ["nsenter", f"--target={self.procs[host].pid}", "--net", "--uts", "--mount", *wd, "--", *argv]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or self.env())
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        for ns in self.made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        self.made.clear()
-
-
-@pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory: pytest.TempPathFactory):
-    missing = [b for b in ("ip", "nsenter", "unshare", "ssh", "ssh-keygen", "pdsh", "mpirun") if not shutil.which(b)]
-    if not Path("/usr/sbin/sshd").exists():
-        missing.append("sshd")
-    if missing or os.geteuid() != 0:
-        pytest.skip(
-            f"two-host tests need root and {', '.join(missing) or 'nothing else'} (scripts/install_system_deps.sh)"
-        )
-    hosts = TwoHosts(tmp_path_factory.mktemp("twohosts"))
-    try:
-        hosts.start()
-        yield hosts
-    finally:
-        hosts.stop()
 
 
 @pytest.mark.distributed
