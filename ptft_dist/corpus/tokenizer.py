@@ -9,7 +9,7 @@ tokenized differently from what the run expects with :func:`check_tokenizer`.
 from __future__ import annotations
 
 import json
-import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
@@ -17,7 +17,14 @@ from typing import Optional
 from ptft_dist.config import TokenizerConfig
 from ptft_dist.corpus.format import TOKENIZER_DIR, CorpusError, Manifest, tokenizer_hash
 from ptft_dist.corpus.inputs import InputError
+from ptft_dist.corpus.storage import StorageError, copy_folder, join
+from ptft_dist.fsutil import remove_tree
 
+_HASH = re.compile(r"[0-9a-f]{16}")
+# What `save_pretrained` writes for the tokenizers a corpus holds: copied by name from stores that
+# cannot list a folder (plain HTTP)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
@@ -135,16 +142,62 @@ def load_vocab(corpus: str, storage_options: Optional[dict] = None) -> list[str]
     return out
 
 
+def expected_tokenizer_hash(expected: str) -> str:
+    """``data.expected_tokenizer`` as a hash: a hash as written in manifest.json (16 hex digits), or
+    the hash of a tokenizer directory (one holding tokenizer.json, or a corpus / run directory
+    holding tokenizer/tokenizer.json)."""
+    path = Path(expected).expanduser()
+    for tok_dir in (path, path / TOKENIZER_DIR):
+        if (tok_dir / "tokenizer.json").is_file():
+            return tokenizer_hash(tok_dir)
+    if path.is_dir():
+        raise CorpusError(f"data.expected_tokenizer: {expected} holds no tokenizer.json (nor tokenizer/tokenizer.json)")
+    if not _HASH.fullmatch(expected):
+        raise CorpusError(f"data.expected_tokenizer: {expected!r} is neither a tokenizer directory nor a tokenizer "
+                          "hash (16 hex digits, the tokenizer_hash of a corpus manifest.json)")
+    return expected
+
+
 def check_tokenizer(manifest: Manifest, expected: Optional[str], corpus: str) -> None:
-    """Refuse a corpus whose tokenizer differs from the one the run expects (hash or tokenizer dir)."""
+    """Refuse a corpus whose tokenizer differs from the one the run is pinned to
+    (``data.expected_tokenizer``: a hash or a tokenizer directory), naming both hashes."""
     if not expected:
         return
-    want = expected
-    if os.path.isdir(expected):
-        want = tokenizer_hash(expected)
+    want = expected_tokenizer_hash(expected)
     if want != manifest.tokenizer_hash:
         raise CorpusError(
             f"{corpus}: corpus was tokenized with tokenizer {manifest.tokenizer_hash}, but this run expects "
-            f"tokenizer {want}{f' ({expected})' if want != expected else ''}; re-run `ptft prepare` with the run's "
-            "tokenizer or point the run at a matching corpus"
+            f"tokenizer {want} (data.expected_tokenizer{f'={expected}' if want != expected else ''}); re-run "
+            "`ptft prepare` with that tokenizer (prepare.tokenizer.path) or point the run at a matching corpus"
         )
+
+
+def copy_tokenizer(corpus: str, dest: str | Path, storage_options: Optional[dict] = None,
+                   expected_hash: Optional[str] = None) -> Path:
+    """CORPUS/tokenizer (local or remote, read with ``storage_options``) copied into ``dest``, which
+    appears whole or not at all; with ``expected_hash``, a copy that does not hash to the manifest's
+    tokenizer is refused (the export would otherwise ship the wrong vocabulary)."""
+    src = join(corpus, TOKENIZER_DIR)
+    try:
+        copy_folder(src, dest, storage_options, known=TOKENIZER_FILES, required="tokenizer.json")
+    except StorageError as exc:
+        raise CorpusError(f"cannot copy the corpus tokenizer: {exc}") from None
+    got = tokenizer_hash(dest)
+    if expected_hash and got != expected_hash:
+        remove_tree(dest)
+        raise CorpusError(f"{src}: tokenizer hashes to {got}, the corpus manifest says {expected_hash} "
+                          "(tokenizer/ replaced after `ptft prepare`?)")
+    return Path(dest)
+
+
+def load_tokenizer(corpus: str, storage_options: Optional[dict] = None):
+    """The corpus tokenizer (``tokenizers.Tokenizer``) from CORPUS/tokenizer/tokenizer.json, local or remote."""
+    import fsspec
+    from tokenizers import Tokenizer
+
+    url = join(corpus, TOKENIZER_DIR, "tokenizer.json")
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as f:
+            return Tokenizer.from_str(f.read())
+    except FileNotFoundError:
+        raise CorpusError(f"{url}: missing") from None
