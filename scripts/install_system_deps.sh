@@ -3,7 +3,8 @@
 # OpenMPI/PMIx and the ssh/pdsh multi-host tests (Debian 12 / bookworm, run as root).
 #
 # Idempotent and quiet: when every needed binary/library is already present it does not
-# touch apt at all. Packages that the distribution does not know are skipped with a warning.
+# touch apt at all. A package that apt cannot provide, or that is still missing after the install,
+# is an error naming it (exit 1): the tests that need it would otherwise fail later, less clearly.
 #
 #   sudo scripts/install_system_deps.sh          # or as root in CI
 #   PTFT_APT_UPDATE=0 scripts/install_system_deps.sh   # skip `apt-get update`
@@ -29,8 +30,12 @@ declare -A PROBE=(
 )
 PACKAGES=(slurm-wlm slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev libpmix2 iproute2 openssh-server pdsh)
 
-present() {  # $1 = package
-  local probe=${PROBE[$1]}
+present() {  # $1 = package: its probe file exists (or, without a probe, dpkg says installed)
+  local probe=${PROBE[$1]:-}
+  if [[ -z $probe ]]; then
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"
+    return
+  fi
   if [[ $1 == libpmix2 ]]; then
     # the library path depends on the architecture; fall back to dpkg
     compgen -G "/usr/lib/*/pmix2/lib/libpmix.so.2" >/dev/null && return 0
@@ -58,21 +63,28 @@ if ((${#missing[@]})); then
     log "apt-get update"
     quiet apt-get update -qq
   fi
-  installable=()
+  unavailable=()
   for p in "${missing[@]}"; do
-    if apt-cache show "$p" >/dev/null 2>&1; then
-      installable+=("$p")
-    else
-      log "WARNING: package '$p' is not available from apt; skipping"
-    fi
+    apt-cache show "$p" >/dev/null 2>&1 || unavailable+=("$p")
   done
-  if ((${#installable[@]})); then
-    log "installing: ${installable[*]}"
-    start=$SECONDS
-    quiet apt-get install -y -qq --no-install-recommends \
-      -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-      "${installable[@]}"
-    log "installed in $((SECONDS - start)) s"
+  if ((${#unavailable[@]})); then
+    log "ERROR: apt cannot provide: ${unavailable[*]} (needed by the SLURM/MPI/multi-host tests);" \
+      "add a source that has them (Debian 12: main) or install them by hand"
+    exit 1
+  fi
+  log "installing: ${missing[*]}"
+  start=$SECONDS
+  quiet apt-get install -y -qq --no-install-recommends \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+    "${missing[@]}"
+  log "installed in $((SECONDS - start)) s"
+  still=()
+  for p in "${missing[@]}"; do
+    present "$p" || still+=("$p")
+  done
+  if ((${#still[@]})); then
+    log "ERROR: still missing after apt-get install: ${still[*]}"
+    exit 1
   fi
 fi
 

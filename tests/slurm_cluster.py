@@ -10,7 +10,7 @@ Needs root (slurmd launches jobs as the submitting user, and the config runs eve
 and the Debian packages that ``scripts/install_system_deps.sh`` installs.
 
 The ``slurm_cluster`` fixture (session scope) skips when SLURM is not installed, unless
-``PTFT_REQUIRE_SLURM=1`` (set in CI), in which case it fails instead.
+``PTFT_REQUIRE_SYSTEM=1`` (set in CI by scripts/test.sh; tests/system.py), in which case it fails instead.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
+
+from tests.system import require_system
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel", "munged", "munge")
 
@@ -449,27 +451,15 @@ class SlurmCluster:
                 p.wait(timeout=5)
 
 
-def _require_slurm() -> bool:
-    return os.environ.get("PTFT_REQUIRE_SLURM", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A started 2-node ``SlurmCluster`` shared by the session; stopped at the end, whatever happens.
 
-    Skips when SLURM is not installed or we are not root, unless ``PTFT_REQUIRE_SLURM=1``,
-    which turns those skips into failures (CI).
+    Skips when SLURM is not installed or we are not root, unless ``PTFT_REQUIRE_SYSTEM=1``,
+    which turns those skips into failures (CI; tests/system.py).
     """
-    missing = missing_binaries()
-    reason = None
-    if missing:
-        reason = f"SLURM not installed (missing {', '.join(missing)}); run scripts/install_system_deps.sh"
-    elif os.geteuid() != 0:
-        reason = "the test SLURM cluster needs root"
-    if reason:
-        if _require_slurm():
-            pytest.fail(f"PTFT_REQUIRE_SLURM is set but {reason}", pytrace=False)
-        pytest.skip(reason)
+    missing = [*missing_binaries(), *(["root"] if os.geteuid() != 0 else [])]
+    require_system(missing, "the SLURM tests (a private test cluster)")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2)
     try:
         cluster.start()

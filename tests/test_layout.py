@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "ptft_dist"
 # Lower layers never import higher ones (same layer: allowed). A module's layer is that of its
 # first package component below ptft_dist.
 LAYERS = [
-    {"errors", "fsutil", "log", "config"},
+    {"errors", "fsutil", "log", "config", "config_rules", "config_docs"},
     {"dist"},
     {"corpus"},
     {"stream"},

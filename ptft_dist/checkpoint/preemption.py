@@ -2,21 +2,35 @@
 
 :class:`PreemptionHandler` sets a flag on SIGUSR1/SIGTERM (nothing else happens in the handler);
 :meth:`PreemptionHandler.should_stop` all-reduces it at a step boundary so every rank stops at
-the same step; the loop saves and calls :func:`exit_for_requeue`, which exits with
-``checkpoint.requeue_exit_code`` (default 124); the job script turns that status into a requeue.
+the same step; the loop saves with :func:`preemption_save` and calls :func:`exit_for_requeue`,
+which exits with ``checkpoint.requeue_exit_code`` (default 124); the job script turns that status
+into a requeue. A save that fails after the signal does not change the exit status: the previous
+checkpoint is still ``latest`` (guarantee 5) and the requeued run resumes from it. Pretraining
+(pretrain/loop.py) and fine-tuning (finetune/resume.py) share this protocol.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from ptft_dist.checkpoint.manager import CheckpointError, CheckpointManager
 from ptft_dist.config import CheckpointConfig
 from ptft_dist.dist.collectives import barrier, collective_device, is_distributed
+from ptft_dist.log import get_logger
+
+log: logging.Logger = get_logger("checkpoint")
+# Test hook (like corpus/steps.py's PTFT_PREPARE_FAIL_AT): "all" or a rank number: on that rank the
+# checkpoint after a signal fails once the engine has written its files (tests/pretrain, tests/finetune).
+FAIL_PREEMPTION_SAVE_ENV = "PTFT_FAIL_PREEMPTION_SAVE"
 
 
 class PreemptionHandler:
@@ -82,3 +96,33 @@ def exit_for_requeue(ckpt_cfg: CheckpointConfig) -> None:
         barrier()
         dist.destroy_process_group()
     sys.exit(ckpt_cfg.requeue_exit_code)
+
+
+def preemption_save(checkpoints: CheckpointManager, engine: Any, step: int, client_state: dict,
+                    extra_files: Optional[Callable[[Path], list[Path]]] = None) -> Optional[Path]:
+    """The checkpoint after a signal (every rank calls it); the saved step dir, or None when the save
+    failed. A failure is logged, not raised: ``latest`` still names the previous checkpoint, and the
+    caller must still exit with the requeue code, so the scheduler requeues the job and the rerun
+    resumes from that checkpoint instead of the job ending as failed (docs/design.md, guarantee 6)."""
+    try:
+        return checkpoints.save(_maybe_failing(engine, checkpoints.rank), step, client_state, extra_files)
+    except CheckpointError as exc:
+        if checkpoints.rank == 0:
+            log.error("the checkpoint after the signal failed: %s", exc)
+        return None
+
+
+class _FailingSave:
+    """The test hook's engine: writes the real files (collectives included), then reports a failure."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def save_checkpoint(self, ckpt_dir: Any, tag: str, client_state: dict) -> list:
+        self.engine.save_checkpoint(ckpt_dir, tag, client_state)
+        raise OSError(f"injected failure ({FAIL_PREEMPTION_SAVE_ENV})")
+
+
+def _maybe_failing(engine: Any, rank: int) -> Any:
+    spec = os.environ.get(FAIL_PREEMPTION_SAVE_ENV, "").strip()
+    return _FailingSave(engine) if spec in ("all", str(rank)) else engine

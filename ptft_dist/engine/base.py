@@ -76,11 +76,14 @@ def check_global_batch(cfg_train: TrainConfig, world_size: int) -> int:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """BERT convention: no weight decay on biases and norm weights (every 1-D parameter)."""
+    """BERT convention: no weight decay on biases and norm weights (every 1-D parameter). The shape
+    is the full one: a parameter built under ZeRO-3's ``zero.Init`` holds an empty 1-D placeholder
+    and keeps its real shape in ``ds_shape``."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (no_decay if ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -17,7 +17,10 @@ Validation runs on all ranks each epoch with predictions gathered, so its metric
 best epoch (by ``finetune.metric_for_best``) is exported to ``output_dir/best`` atomically
 (docs/design.md, guarantees 5 and 8), and the test split is evaluated with that exported model at
 the end: the numbers describe the files users get. A new run in an existing ``output_dir`` first
-removes the old run's ``best/``, results and logs, so they cannot be taken for this run's.
+removes the old run's ``best/``, results, logs and checkpoints, so they cannot be taken for this
+run's. A run that was interrupted (SIGUSR1/SIGTERM, or killed after a ``finetune.checkpoint_every``
+checkpoint) continues from its latest checkpoint (``finetune.resume=auto``) to the same metrics
+and the same ``best/`` as an uninterrupted run (finetune/resume.py; docs/design.md, guarantee 6).
 
 It runs unchanged as one process or under ``deepspeed`` / ``torchrun`` / ``srun``.
 """
@@ -26,13 +29,14 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from ptft_dist.checkpoint.manager import CHECKPOINTS_DIR
 from ptft_dist.config import Config, save_resolved
 from ptft_dist.dist.collectives import broadcast_object, mean_over_ranks
 from ptft_dist.dist.discover import discover
@@ -52,6 +56,8 @@ from ptft_dist.finetune.model import (
     load_tokenizer,
     trainable_state_dict,
 )
+from ptft_dist.finetune.output_dir import check_output_dir
+from ptft_dist.finetune.resume import BEST, Checkpointing, Progress, identity
 from ptft_dist.finetune.settings import Plan, Settings, plan_steps, read_settings
 from ptft_dist.finetune.tasks import TaskData, load_task
 from ptft_dist.fsutil import remove_tree, write_json_atomic
@@ -60,7 +66,6 @@ from ptft_dist.metrics.logger import MetricsLogger
 from ptft_dist.metrics.parameters import count_parameters
 
 RESULTS = "results.json"
-BEST = "best"
 
 log = get_logger("finetune")
 
@@ -85,6 +90,7 @@ def prepare(cfg: Config) -> Prepared:
     s = read_settings(cfg)
     ft = s.ft
     model_dir = check_model_dir(ft.model)
+    check_output_dir(ft, model_dir)
     task = load_task(ft)
     model_config = load_config(model_dir)
     max_pos = int(getattr(model_config, "max_position_embeddings", 512))
@@ -98,13 +104,15 @@ def prepare(cfg: Config) -> Prepared:
     return Prepared(s, task, encoded, tokenizer, model, model_dir)
 
 
-def start_output_dir(cfg: Config, out_dir: Path) -> None:
-    """Rank 0: an old run's model, results and logs must not be taken for this run's."""
+def start_output_dir(cfg: Config, out_dir: Path, resuming: bool = False) -> None:
+    """Rank 0: an old run's model, results, logs and checkpoints must not be taken for this run's
+    (a resumed run keeps its own: they are this run's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULTS).unlink(missing_ok=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    for stale in ("tb", BEST):
-        remove_tree(out_dir / stale)
+    if not resuming:
+        (out_dir / RESULTS).unlink(missing_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for stale in ("tb", BEST, CHECKPOINTS_DIR):
+            remove_tree(out_dir / stale)
     save_resolved(cfg, out_dir)
 
 
@@ -129,22 +137,11 @@ class Run:
     pad_multiple: int  # 8 on GPU (tensor cores), 1 on CPU
     global_batch: int
     lengths: Optional[np.ndarray]  # train example lengths when grouping by length
+    ckpt: Optional[Checkpointing] = None  # checkpoints and the preemption handler (finetune/resume.py)
 
     def say(self, msg: str) -> None:
         if self.main:
             log.info(msg)
-
-
-@dataclass
-class Progress:
-    history: list[dict] = field(default_factory=list)
-    best: Optional[float] = None
-    best_epoch: Optional[int] = None
-    best_validation: dict = field(default_factory=dict)
-    bad_epochs: int = 0
-    step: int = 0
-    early_stopped: bool = False
-    timings: dict = field(default_factory=lambda: {"train_s": 0.0, "validation_s": 0.0, "export_s": 0.0})
 
 
 def build_run(prep: Prepared, env: DistEnv, device: torch.device) -> Run:
@@ -170,16 +167,28 @@ def announce(run: Run) -> None:
             f"{params['trainable'] / 1e6:.3g}M of {params['total'] / 1e6:.3g}M parameters trained, "
             f"{run.world} rank(s), global batch {run.global_batch}, {run.plan.max_steps} steps, "
             f"lr {run.plan.engine_optim.lr:g}, backend {engine.backend} ZeRO-{engine.zero_stage} {engine.precision_name}")
+    report_task_notes(task, run.main)
+
+
+def report_task_notes(task: TaskData, main: bool) -> None:
+    """What the task's data made the run skip or makes its numbers mean less (also in results.json)."""
+    if not main:
+        return
+    for split, n in task.empty_skipped.items():
+        log.info(f"{split} split: {n} empty text(s) skipped")
+    for warning in task.warnings:
+        log.warning(warning)
 
 
 def train_epoch(run: Run, epoch: int, progress: Progress) -> float:
-    """One pass over this rank's shard; returns the epoch's mean train loss over all ranks."""
+    """One pass over this rank's shard (its rest, when resumed inside the epoch); returns the
+    epoch's mean train loss over all ranks."""
     s, engine = run.prep.settings, run.engine
     split = run.prep.task.splits["train"]
     engine.train()
     idx = train_shard(len(split), run.rank, run.world, s.seed, epoch - 1, run.lengths, run.global_batch)
-    window: list[torch.Tensor] = []
-    epoch_losses: list[torch.Tensor] = []
+    idx = idx[progress.epoch_micro * s.ft.batch_size:]  # a resumed epoch skips what it already trained on
+    last_step = run.ckpt.last_step_of(epoch)
     for batch in batches(run.prep.encoded["train"], idx, s.ft.batch_size, run.pad_id, split.labels,
                          run.pad_multiple):
         if s.ft.task_type == "regression":  # MSE against bf16/fp16 logits needs targets of the same dtype
@@ -188,16 +197,16 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> float:
         engine.backward(out.loss)
         boundary = engine.is_accumulation_boundary
         engine.step()
-        loss = out.loss.detach().float()
-        window.append(loss)
-        epoch_losses.append(loss)
+        progress.add_loss(out.loss.detach().float())
         if boundary:
             progress.step += 1
             if progress.step % s.log_every == 0:
-                run.metrics.log(progress.step, {"loss": mean_over_ranks(window), "lr": engine.lr,
+                run.metrics.log(progress.step, {"loss": mean_over_ranks(progress.window), "lr": engine.lr,
                                                 "grad_norm": engine.grad_norm, "epoch": epoch})
-                window = []
-    return mean_over_ranks(epoch_losses)
+                progress.window = []
+            if progress.step < last_step:  # an epoch's last step is checkpointed after its validation
+                run.ckpt.at_boundary(run, progress)
+    return mean_over_ranks(progress.epoch_losses)
 
 
 def validate(run: Run) -> dict:
@@ -234,18 +243,21 @@ def end_epoch(run: Run, progress: Progress, epoch: int, train_loss: float, val: 
     return False
 
 
-def fit(run: Run) -> Progress:
-    """Train → validate → export the best, epoch by epoch."""
-    progress = Progress()
-    for epoch in range(1, run.prep.settings.ft.epochs + 1):
+def fit(run: Run, progress: Progress) -> Progress:
+    """Train → validate → export the best, epoch by epoch, from where ``progress`` stands."""
+    epochs = run.prep.settings.ft.epochs
+    for epoch in range(progress.epoch, epochs + 1):
         t0 = time.perf_counter()
         train_loss = train_epoch(run, epoch, progress)
         progress.timings["train_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         val = validate(run)
         progress.timings["validation_s"] += time.perf_counter() - t0
-        if end_epoch(run, progress, epoch, train_loss, val):
+        if end_epoch(run, progress, epoch, train_loss, val) or epoch == epochs:
             break
+        progress.next_epoch()
+        if run.ckpt.epoch_end_aligned(epoch):
+            run.ckpt.at_boundary(run, progress)
     if progress.best_epoch is None:  # the metric was never finite: keep the last epoch, so there is a model to test
         progress.best_epoch, progress.best_validation = len(progress.history), progress.history[-1]["validation"]
         export_best(run, {"epoch": progress.best_epoch})
@@ -298,7 +310,9 @@ def results_of(run: Run, progress: Progress, test: dict, engine_info: dict) -> d
         "best_model": str(run.out_dir / BEST),
         "export": ft.export if ft.method == "lora" else "merged",
         "task": {"task_type": ft.task_type, "label_names": task.label_names,
-                 "examples": {name: len(sp) for name, sp in task.splits.items()}},
+                 "examples": {name: len(sp) for name, sp in task.splits.items()},
+                 "empty_texts_skipped": task.empty_skipped},
+        "warnings": task.warnings,
         "validation": progress.best_validation,
         "test": test,
         "metric_for_best": ft.metric_for_best,
@@ -334,11 +348,27 @@ def finetune(cfg: Config) -> dict:
     prep = prepare(cfg)  # every input check happens here, before anything connects or is written
     init_distributed(env)
     device = device_for(env)
+    ckpt = open_checkpoints(prep, env)
+    resume_from = ckpt.resolve()  # a collective; refuses a checkpoint of other settings before anything is written
     if env.is_main:
-        start_output_dir(cfg, Path(prep.settings.ft.output_dir))
+        start_output_dir(cfg, Path(prep.settings.ft.output_dir), resuming=resume_from is not None)
     run = build_run(prep, env, device)
+    run.ckpt = ckpt
+    progress = ckpt.load(run.engine, resume_from, run.out_dir / BEST)
     announce(run)
-    progress = fit(run)
+    if resume_from is not None:
+        run.metrics.resume_from(progress.step)  # the steps after the checkpoint are logged again
+        run.say(f"resumed from {resume_from} at step {progress.step} (epoch {progress.epoch}, "
+                f"{progress.epoch_micro} micro-batches into it)")
+    with ckpt.preemption:  # installed until results.json is written: a late signal lets the run finish
+        results = _train_and_test(run, progress, t_start)
+    ckpt.finish()
+    return results
+
+
+def _train_and_test(run: Run, progress: Progress, t_start: float) -> dict:
+    prep = run.prep
+    progress = fit(run, progress)
     engine_info = close_engine(run)
 
     t0 = time.perf_counter()
@@ -352,6 +382,14 @@ def finetune(cfg: Config) -> dict:
     if run.main:
         write_results(run, progress, results)
     return results
+
+
+def open_checkpoints(prep: Prepared, env: DistEnv) -> Checkpointing:
+    """The run's checkpoints, with the settings a resume must share (finetune/resume.py)."""
+    s, n_train = prep.settings, len(prep.task.splits["train"])
+    plan = plan_steps(s, n_train, env.world_size)
+    ident = identity(s, plan, n_train, env.world_size, prep.model_dir, prep.task.label_names)
+    return Checkpointing(s, n_train, env.world_size, env.rank, ident)
 
 
 def write_results(run: Run, progress: Progress, results: dict) -> None:

@@ -27,12 +27,18 @@ def _busy_socket(port: int | None = None) -> socket.socket:
     return s
 
 
-def test_device_for_cpu():
+def test_device_for_cpu_and_gpus(monkeypatch):
+    """Runs on any machine: CUDA presence and GPU count are stand-ins (monkeypatched), not a skip."""
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    assert str(device_for(DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2))) == "cpu"
+    env = DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert str(device_for(env)) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_for(env) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU per rank (CUDA_VISIBLE_DEVICES)
+    assert device_for(env) == torch.device("cuda", 0)
 
 
 # --------------------------------------------------------------------------- preflight
@@ -70,7 +76,7 @@ def test_busy_derived_port_names_port_and_override(fake_scontrol):
         except OSError:
             continue
     else:
-        pytest.skip("no free port in the derived range")
+        pytest.fail(f"none of the 1000 ports from {DERIVED_PORT_BASE + 7000} could be bound on this host")
     try:
         job_id = port - DERIVED_PORT_BASE
         env = discover(slurm_step(PATH=fake_scontrol, SLURM_JOB_ID=str(job_id)))

@@ -52,6 +52,8 @@ def test_precision_and_hidden_size_driven_fields():
     assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
     z = cfg["zero_optimization"]
     assert z["reduce_bucket_size"] == 64 * 64 and z["stage3_param_persistence_threshold"] == 640
+    # about two layers gathered at a time, not DeepSpeed's 1e9 (the whole model stays gathered)
+    assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == 24 * 64 * 64
     cfg = resolve_deepspeed_config(TrainConfig(zero_stage=0, precision="fp16"), OptimConfig(), 1, CPU)
     assert cfg["fp16"]["enabled"] is True and cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.slurm_cluster import SlurmCluster, free_ports, parse_scontrol
 
-# The session-scoped cluster fixture (skips without SLURM unless PTFT_REQUIRE_SLURM=1, then fails).
+# The session-scoped cluster fixture (skips without SLURM unless PTFT_REQUIRE_SYSTEM=1, then fails: tests/system.py).
 
 pytestmark = pytest.mark.slurm
 

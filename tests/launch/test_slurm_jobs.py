@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.corpus_factory import make_corpus
 from tests.pretrain.test_pretrain import TINY, assert_same_weights, losses, sample_ids
@@ -298,6 +299,100 @@ def test_finetune_array_and_summary(slurm_cluster, tmp_path):
     assert "| configs/sst2.yaml | 2e-5 | full | 2 | 0.5350 ± 0.0071 |" in md  # mean ± std over the two seeds
     tsv = text(out / "summary.tsv").splitlines()
     assert tsv[0].split("\t")[:4] == ["row", "config", "seed", "lr"] and len(tsv) == 4
+
+
+def _finetune_assets(root: Path) -> Path:
+    """A tiny BERT, a separable two-label task and a config (the ones tests/finetune/ use)."""
+    import random
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from ptft_dist.config import TokenizerConfig
+    from ptft_dist.corpus.tokenizer import train_wordpiece
+    from tests.finetune.test_finetune import sentence, tiny_model, write_tsv
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", 320, 1), ("validation", 64, 2), ("test", 64, 3)):
+        write_tsv(root / f"{split}.tsv", n, seed)
+    rng = random.Random(0)
+    train_wordpiece([sentence(rng, lab) for lab in ["pos", "neg"] * 200], root / "tok",
+                    TokenizerConfig(vocab_size=200, min_frequency=1))
+    tiny_model(root / "model", root / "tok", len(AutoTokenizer.from_pretrained(str(root / "tok"))))
+    config = {"finetune": {"model": str(root / "model"), "train_file": str(root / "train.tsv"),
+                           "validation_file": str(root / "validation.tsv"), "test_file": str(root / "test.tsv"),
+                           "max_seq_len": 32, "batch_size": 16},
+              # betas 0.5: bitwise resume under DeepSpeed's CPU Adam (see PRETRAIN above)
+              "train": {"backend": "deepspeed", "zero_stage": 2, "log_every": 1}, "optim": {"betas": [0.5, 0.5]}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return root / "tiny.yaml"
+
+
+def test_real_finetune_grid_with_a_preempted_row(slurm_cluster, tmp_path):
+    """`ptft finetune` itself, two identical rows: row 1 gets USR1 mid-run, saves, exits 124, is requeued
+    and resumes; it ends with row 0's numbers and best/ bitwise, and the summary shows both."""
+    from safetensors.torch import load_file
+
+    config = _finetune_assets(tmp_path / "assets")
+    grid = tmp_path / "grid.tsv"
+    grid.write_text("config\tseed\tlr\tfinetune.epochs\tnote\n"
+                    f"{config}\t7\t2e-3\t3\tuninterrupted\n{config}\t7\t2e-3\t3\tpreempted\n")
+    out = tmp_path / "out"
+    env = job_env(slurm_cluster, PTFT_GRID=str(grid), PTFT_OUT=str(out))
+    proc = slurm_cluster.run(["bash", str(SLURM_DIR / "finetune.sbatch"), "--gpus-per-task=0", "--cpus-per-task=1"],
+                             env=env, cwd=tmp_path)
+    array = int(re.search(r"submitted array job (\d+)", proc.stdout).group(1))
+    summary = int(re.search(r"submitted summary job (\d+)", proc.stdout).group(1))
+    task, rec = f"{array}_1", out / "slurm" / "row-001"
+    deadline = time.monotonic() + 300
+    while len(train_steps(out / "row-001")) < 3:
+        assert time.monotonic() < deadline, "no training steps in time\n" + text(rec / "job.log")[-3000:]
+        assert slurm_cluster.job_state(task) in ("PENDING", "RUNNING"), text(rec / "job.log")[-3000:]
+        time.sleep(0.05)
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", task])
+    slurm_cluster.wait_state(task, {"PENDING"}, timeout=180, poll=0.2)
+    events = text(rec / "events.log")
+    m = re.search(r"end row-001 exit=124 latest=step_(\d+)", events)
+    assert m and "signal USR1" in events, events + text(rec / "job.log")[-3000:]
+    saved = int(m.group(1))
+    assert f"requeue {task} (next restart=1 resumes from step_{saved})" in events  # this task, not the array
+    assert 3 <= saved < 60
+    row = json.loads((rec / "row.json").read_text())
+    assert (row["state"], row["exit_code"]) == ("requeued", 124)
+    time.sleep(2)  # not within the second of the requeue (see test_usr1_checkpoints_requeues_and_resumes_bitwise)
+    slurm_cluster.run(["scontrol", "update", f"JobId={task}", "StartTime=now"])
+    assert slurm_cluster.wait(summary, timeout=400) == "COMPLETED", text(out / f"summary-{summary}.log")
+    log = text(rec / "job.log")
+    assert slurm_cluster.job_state(task) == "COMPLETED" and slurm_cluster.job_info(task)["Restarts"] == "1", log[-3000:]
+    assert f"saved step {saved}, exiting with 124 for requeue" in log
+    assert f"resumed from {out}/row-001/checkpoints/step_{saved} at step {saved}" in log
+    assert "finetune.resume=auto" in text(rec / "command.txt")
+    # the other row never saw the signal nor the requeue
+    assert slurm_cluster.job_info(f"{array}_0")["Restarts"] == "0"
+    assert "restart=1" not in text(out / "slurm" / "row-000" / "events.log")
+    # the preempted row ends exactly where the uninterrupted one did
+    r0, r1 = (json.loads((out / r / "results.json").read_text()) for r in ("row-000", "row-001"))
+    for key in ("validation", "test", "history", "best_epoch", "steps"):
+        assert r1[key] == r0[key], key
+    assert r0["validation"]["accuracy"] >= 0.9 and r0["steps"] == 60
+    w0, w1 = (load_file(str(out / r / "best" / "model.safetensors")) for r in ("row-000", "row-001"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert not (out / "row-001" / "checkpoints").exists()
+    # the summary table holds each run's results.json numbers
+    md = text(out / "summary.md")
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[1:-1]] for ln in md.splitlines()
+             if ln.startswith("| row-")}
+    header = [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| row |")).split("|")[1:-1]]
+    for name, r in (("row-000", r0), ("row-001", r1)):
+        got = dict(zip(header, cells[name]))
+        assert got["state"] == "ok" and got["method"] == "full" and got["seed"] == "7"
+        for split in ("validation", "test"):
+            for metric, value in r[split].items():
+                assert got[f"{split}.{metric}"] == f"{value:.4f}", (name, split, metric)
+    tsv = [line.split("\t") for line in text(out / "summary.tsv").splitlines()]
+    row0 = dict(zip(tsv[0], next(t for t in tsv if t[0] == "row-000")))
+    assert float(row0["test.accuracy"]) == r0["test"]["accuracy"] and float(row0["test.loss"]) == r0["test"]["loss"]
+    assert f"| {config} | 2e-3 | full | 2 | {r0['validation']['accuracy']:.4f} ± 0.0000 |" in md
 
 
 # --------------------------------------------------------------------------- prepare

@@ -4,16 +4,13 @@ missing shards and retries."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import multiprocessing as mp
 import os
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -23,91 +20,15 @@ from ptft_dist.corpus.format import CorpusError, load_manifest
 from ptft_dist.stream import shard_cache as sc
 from ptft_dist.stream.dataset import PretrainingStream
 from tests.corpus_factory import copy_to_memory_fs, flip_byte, make_corpus
+from tests.remote_servers import RangeHTTPServer, serve_http
 
 SHARD_DOCS = (6, 2, 9, 4, 5, 3)
 
 
-# --------------------------------------------------------------------------- a small range-capable HTTP server
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def do_HEAD(self):
-        self._serve(head=True)
-
-    def do_GET(self):
-        self._serve(head=False)
-
-    def _serve(self, head: bool) -> None:
-        srv = self.server
-        rel = unquote(self.path.split("?", 1)[0].lstrip("/"))
-        srv.log.append((self.command, rel, self.headers.get("Range")))
-        fails = srv.fail_next.get(rel, 0)
-        if fails and not head:
-            srv.fail_next[rel] = fails - 1
-            self.send_error(503, "try again")
-            return
-        path = srv.root / rel
-        if not path.is_file():
-            self.send_error(404, "not found")
-            return
-        data = path.read_bytes()
-        start, end = 0, len(data)
-        rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes="):
-            a, b = rng[6:].split("-")
-            start = int(a) if a else 0
-            end = min(len(data), int(b) + 1) if b else len(data)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(end - start))
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        if head:
-            return
-        body = data[start:end]
-        step = srv.chunk
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            for i in range(0, len(body), step):
-                self.wfile.write(body[i : i + step])
-                if srv.delay:
-                    self.wfile.flush()
-                    time.sleep(srv.delay)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, root: Path):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.root = root
-        self.log: list = []
-        self.fail_next: dict[str, int] = {}
-        self.delay = 0.0
-        self.chunk = 1 << 16
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
 @pytest.fixture
 def http_server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    srv = _Server(root)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serve_http(tmp_path / "www") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +38,7 @@ def local_corpus(tmp_path_factory):
     return root
 
 
-def _publish(local: Path, srv: _Server, name: str = "corpus") -> str:
+def _publish(local: Path, srv: RangeHTTPServer, name: str = "corpus") -> str:
     shutil.copytree(local, srv.root / name, ignore=shutil.ignore_patterns("cache"))
     return f"{srv.url}/{name}"
 
