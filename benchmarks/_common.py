@@ -107,6 +107,33 @@ def write_synthetic_corpus(root: Path, n_shards: int = 4, tokens_per_shard: int 
     return root
 
 
+def replicate_train_shards(src: Path, dst: Path, copies: int) -> Path:
+    """A corpus whose train split is ``copies`` hard links of ``src``'s first train shard (same
+    bytes, same checksum, no extra disk): an epoch of tens of millions of samples in seconds. The
+    tokenizer and the validation split are copied from ``src``."""
+    import shutil
+
+    from ptft_dist.corpus import format as sh
+
+    src, dst = Path(src), Path(dst)
+    manifest = sh.load_manifest(src)
+    base = manifest.splits["train"][0]
+    shutil.copytree(src / sh.TOKENIZER_DIR, dst / sh.TOKENIZER_DIR)
+    for info in manifest.splits["validation"]:
+        (dst / info["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / info["path"], dst / info["path"])
+    (dst / "train").mkdir(parents=True, exist_ok=True)
+    shards = []
+    for i in range(copies):
+        rel = f"train/shard-{i:05d}.bin"
+        os.link(src / base["path"], dst / rel)
+        shards.append({**base, "path": rel})
+    manifest.splits = {**manifest.splits, "train": shards}
+    manifest.created_by = "benchmarks/_common.py (replicated shards)"
+    sh.write_manifest(dst, manifest)
+    return dst
+
+
 # --------------------------------------------------------------------------- processes
 
 

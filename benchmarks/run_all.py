@@ -2,19 +2,23 @@
 
 Benchmarks (each its own script and subprocess; see their docstrings):
 
-  prepare   corpus preparation MB/s, ptft vs ``datasets.map`` tokenization   (prepare_throughput.py)
-  loader    samples/s per loader worker, ptft vs DataCollatorForLanguageModeling (loader_throughput.py)
-  pretrain  tokens/s and MFU, ``ptft pretrain`` vs HF ``Trainer``            (pretrain_throughput.py)
-  zero      per-rank memory per ZeRO stage 0/1/2/3 (+offload), 2 ranks      (zero_memory.py)
-  resume    process start → first step after resume, early vs late ckpt     (resume_latency.py)
-  export    ``ptft convert`` peak RSS / fp32 model size, ZeRO-2 and ZeRO-3  (export_memory.py)
+  prepare        corpus preparation MB/s, ptft vs ``datasets.map`` tokenization   (prepare_throughput.py)
+  loader         samples/s through a DataLoader with 1 and 2 workers, ptft vs
+                 DataCollatorForLanguageModeling                                (loader_throughput.py)
+  pretrain       tokens/s and MFU (model and executed FLOPs), ``ptft pretrain`` vs
+                 HF ``Trainer``, BERT-mini shape                                (pretrain_throughput.py)
+  pretrain_base  the same, BERT-base shape (12 layers, hidden 768), a few steps (pretrain_throughput.py)
+  zero           measured peak memory per rank, ZeRO 0/1/2/3, 2 ranks, BERT-base (zero_memory.py)
+  resume         process start → first step, resuming 10 M samples into an epoch vs
+                 early                                                          (resume_latency.py)
+  export         ``ptft convert`` peak RSS / fp32 model size, ZeRO-2 and ZeRO-3 (export_memory.py)
 
 Writes ``benchmarks/results/latest.json`` (every report, the machine: CPU model, cores, RAM,
 versions, load average before/after each benchmark) and ``benchmarks/results/latest.md`` (tables),
 and each benchmark's output to ``benchmarks/results/logs/``. A failing benchmark is recorded
 (exit status, output tail) and the others still run; the exit status is 1 if any failed.
 
-    python benchmarks/run_all.py --quick            # smaller sizes (~6-9 min on 2 shared cores)
+    python benchmarks/run_all.py --quick            # fewer steps / configurations / repeats
     python benchmarks/run_all.py                    # the full sizes
     python benchmarks/run_all.py --only pretrain,resume
 """
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, BenchError, bench_env, last_json, load_average, machine_info, run_checked
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["prepare", "loader", "pretrain", "zero", "resume", "export"]
+ORDER = ["prepare", "loader", "pretrain", "pretrain_base", "zero", "resume", "export"]
 
 
 def _demo_input(work: Path, quick: bool) -> Path:
@@ -60,10 +64,14 @@ def commands(quick: bool, work: Path) -> dict[str, tuple[list[str], float]]:
     cmds = {
         "prepare": ([s(HERE / "prepare_throughput.py"), "--workers", "2"], 1800),
         "loader": ([s(HERE / "loader_throughput.py")] + (
-            ["--seconds", "1.5", "--seq-lens", "128", "--tokens-per-shard", "300000"] if quick else []), 900),
-        "pretrain": ([s(HERE / "pretrain_throughput.py")] + (["--smoke"] if quick else []), 3600),
-        "zero": ([s(HERE / "zero_memory.py")] + (["--preset", "mini"] if quick else []), 3600),
-        "resume": ([s(HERE / "resume_latency.py")] + (["--smoke"] if quick else []), 3600),
+            ["--seconds", "1.5", "--seq-lens", "128", "--tokens-per-shard", "1500000"] if quick else []), 900),
+        "pretrain": ([s(HERE / "pretrain_throughput.py")] + (
+            ["--warmup-steps", "2", "--steps", "4", "--log-every", "2"] if quick else []), 3600),
+        "pretrain_base": ([s(HERE / "pretrain_throughput.py"), "--preset", "base"] + (
+            ["--micro-batch", "4", "--warmup-steps", "1", "--steps", "2", "--log-every", "1"] if quick else
+            ["--micro-batch", "8", "--warmup-steps", "2", "--steps", "4", "--log-every", "2"]), 3600),
+        "zero": ([s(HERE / "zero_memory.py"), "--preset", "base"] + (["--configs", "0,3,3w"] if quick else []), 3600),
+        "resume": ([s(HERE / "resume_latency.py")] + (["--repeats", "2"] if quick else []), 3600),
         "export": ([s(HERE / "export_memory.py")] + (["--preset", "small"] if quick else []), 3600),
     }
     return {k: ([PY, *v[0]], v[1]) for k, v in cmds.items()}
@@ -94,6 +102,75 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out + [""]
 
 
+def _prepare_rows(rep: dict) -> list[list[Any]]:
+    t = rep["tokenize"]
+    return [["tokenize MB/s (datasets.map)", t["ptft"]["mb_per_s"], t["hf_datasets_map"]["mb_per_s"],
+             _ratio(t["ratio"]), "–", "–"],
+            ["whole pipeline MB/s", rep["pipeline"]["mb_per_s"], "–", "–", "–", "–"]]
+
+
+def _loader_rows(rep: dict) -> list[list[Any]]:
+    rows = []
+    for L, v in rep["results"].items():
+        for key, r in v.items():
+            if not key.endswith("_workers"):
+                continue
+            w = key.split("_")[0]
+            headline = L == "128" and w == "1"
+            rows.append([f"samples/s per worker through a DataLoader, seq {L}, {w} worker(s) (HF collator, same "
+                         f"workers); per worker CPU-s: {_fmt(r['ptft']['samples_per_worker_cpu_s'], 0)} vs "
+                         f"{_fmt(r['hf_collator']['samples_per_worker_cpu_s'], 0)}",
+                         r["ptft"]["per_worker"], r["hf_collator"]["per_worker"], _ratio(r["ratio_ptft_over_hf"]),
+                         ">= 20,000" if headline else "–", rep["target_met"] if headline else "–"])
+    return rows
+
+
+def _pretrain_rows(rep: dict) -> list[list[Any]]:
+    st = rep["setup"]
+    p, h = rep["ptft"], rep.get("hf_trainer", {})
+
+    def pct(d: dict, k: str) -> str:
+        return f"{100 * d[k]:.1f}%" if k in d else "–"
+
+    rows = [[f"tokens/s, {st['preset']} seq {st['seq_len']} mb {st['micro_batch']}, {st['steps']} steps (HF Trainer)",
+             p["tokens_per_s"], h.get("tokens_per_s"), _ratio(rep.get("ratio")), rep.get("target", "–"),
+             rep.get("target_met", "–")],
+            ["MFU, model FLOPs (dense-equivalent, same for both)", pct(p, "mfu_model"), pct(h, "mfu_model"), "–", "–",
+             "–"],
+            ["MFU, executed FLOPs (ptft: sparse MLM head; HF: dense)", pct(p, "mfu_executed"), pct(h, "mfu_executed"),
+             "–", "–", "–"],
+            [f"peak {_fmt(rep['peak_tflops'], 3)} TFLOP/s: {rep['peak_source']}".replace("|", "/"), "", "", "", "", ""]]
+    if "ratio_per_cpu_s" in rep:
+        rows.append(["tokens per CPU-second", p.get("tokens_per_cpu_s"), h.get("tokens_per_cpu_s"),
+                     _ratio(rep["ratio_per_cpu_s"]), "–", "–"])
+    return rows
+
+
+def _zero_rows(rep: dict) -> list[list[Any]]:
+    return [[f"{row['config']}: measured peak MB/rank above baseline ({row['measure']}), ÷ zero0",
+             row["peak_above_baseline_mb"]["mean"], "–", _ratio(row.get("ratio_to_zero0")),
+             "<= 0.60" if row["config"] == "zero3" else "–",
+             rep["target_met"] if row["config"] == "zero3" else "–"] for row in rep["rows"]]
+
+
+def _resume_rows(rep: dict) -> list[list[Any]]:
+    lf = rep["loader_first_batch"]
+    return [[f"s to 1st step via `ptft pretrain`: {rep['early']['consumed_samples']:,} vs "
+             f"{rep['late']['consumed_samples']:,} samples into the epoch", rep["early"]["to_first_step_s"],
+             rep["late"]["to_first_step_s"], _ratio(rep["ratio"]), "<= 1.05", rep["target_met"]],
+            ["loader alone: load_state_dict → first batch, s (early vs late)", lf["early_s"], lf["late_s"],
+             _ratio(lf["ratio"]), "–", "–"]]
+
+
+def _export_rows(rep: dict) -> list[list[Any]]:
+    return [[f"zero{row['zero_stage']}: peak RSS / fp32 model ({row['model_mb_fp32']} MB)",
+             _ratio(row["peak_rss_over_model_size"]), "–", "–", "< 2.5", row["target_met"]] for row in rep["rows"]]
+
+
+ROWS = {"prepare": _prepare_rows, "loader": _loader_rows, "pretrain": _pretrain_rows, "pretrain_base": _pretrain_rows,
+        "zero": _zero_rows, "resume": _resume_rows, "export": _export_rows}
+
+
 def summary_rows(results: dict[str, dict]) -> list[list[Any]]:
     """benchmark | metric | ptft | peer | ratio | target | met | seconds."""
     rows = []
@@ -106,41 +183,8 @@ def summary_rows(results: dict[str, dict]) -> list[list[Any]]:
             last = [ln for ln in r["error"].splitlines() if ln.strip()][-1:] or ["?"]
             rows.append([name, "FAILED: " + last[0][:100].replace("|", "/"), "", "", "", "", "NO", secs])
             continue
-        if name == "prepare":
-            t = rep["tokenize"]
-            rows.append([name, "tokenize MB/s (datasets.map)", t["ptft"]["mb_per_s"], t["hf_datasets_map"]["mb_per_s"],
-                         _ratio(t["ratio"]), "–", "–", secs])
-            rows.append([name, "whole pipeline MB/s", rep["pipeline"]["mb_per_s"], "–", "–", "–", "–", ""])
-        elif name == "loader":
-            for L, v in rep["results"].items():
-                rows.append([name, f"samples/s per worker, seq {L} (HF collator)", v["ptft_samples_per_s_per_worker"],
-                             v["hf_collator_samples_per_s"], _ratio(v["ratio_ptft_over_hf"]),
-                             ">= 20,000 @128" if L == "128" else "–", rep["target_met"] if L == "128" else "–", secs])
-        elif name == "pretrain":
-            st = rep["setup"]
-            p, h = rep["ptft"], rep.get("hf_trainer", {})
-            what = f"tokens/s, {st['preset']} seq {st['seq_len']} mb {st['micro_batch']} (HF Trainer)"
-            rows.append([name, what, p["tokens_per_s"], h.get("tokens_per_s"), _ratio(rep.get("ratio")),
-                         rep.get("target", "–"), rep.get("target_met", "–"), secs])
-            rows.append([name, "MFU (same FLOP accounting, peak " + _fmt(rep["peak_tflops"], 3) + " TFLOP/s)",
-                         f"{100 * p['mfu']:.1f}%", f"{100 * h['mfu']:.1f}%" if h else "–", "–", "–", "–", ""])
-            if "ratio_per_cpu_s" in rep:
-                rows.append([name, "tokens per CPU-second", p.get("tokens_per_cpu_s"), h.get("tokens_per_cpu_s"),
-                             _ratio(rep["ratio_per_cpu_s"]), "–", "–", ""])
-        elif name == "zero":
-            for row in rep["rows"]:
-                ratio = row.get("ratio_to_zero0", {}).get("state_total")
-                rows.append([name, f"{row['config']}: state MB/rank (vs zero0)", row["total_mb"]["mean"], "–", _ratio(ratio),
-                             "–", "–", secs if row is rep["rows"][0] else ""])
-        elif name == "resume":
-            rows.append([name, f"s to 1st step: step {rep['early']['step']} vs {rep['late']['step']}",
-                         rep["early"]["to_first_step_s"], rep["late"]["to_first_step_s"], _ratio(rep["ratio"]),
-                         "~1 (< 1.25)", rep["target_met"], secs])
-        elif name == "export":
-            for row in rep["rows"]:
-                rows.append([name, f"zero{row['zero_stage']}: peak RSS / fp32 model ({row['model_mb_fp32']} MB)",
-                             _ratio(row["peak_rss_over_model_size"]), "–", "–", "< 2.5", row["target_met"],
-                             secs if row is rep["rows"][0] else ""])
+        for i, row in enumerate(ROWS[name](rep)):
+            rows.append([name, *row, secs if i == 0 else ""])
     return rows
 
 
@@ -165,12 +209,16 @@ def markdown(doc: dict) -> str:
                     summary_rows(doc["results"]))
     z = doc["results"].get("zero", {}).get("report")
     if z:
-        lines += [f"## ZeRO memory per rank ({z['preset']}, {z['ranks']} ranks, fp32 model "
-                  f"{z['fp32_model_mb']} MB; MB, mean over ranks)", ""]
-        lines += _table(["config", "params", "grads", "optimizer", "total", "÷ zero0", "RSS", "RSS − baseline"],
-                        [[r["config"], r["params_mb"]["mean"], r["grads_mb"]["mean"], r["optimizer_mb"]["mean"],
-                          r["total_mb"]["mean"], _ratio(r.get("ratio_to_zero0", {}).get("state_total")),
-                          r["rss_at_step_mb"]["mean"], r["rss_above_baseline_mb"]["mean"]] for r in z["rows"]])
+        lines += [f"## ZeRO memory per rank, measured ({z['preset']}, {z['ranks']} ranks, {z['precision']}, fp32 model "
+                  f"{z['fp32_model_mb']} MB; MB above the baseline, mean over ranks (max))", ""]
+        lines += _table(["config", "peak RSS", "÷ zero0", "building", "forward", "backward", "optimizer",
+                         "allocator in use (peak)", "build s", "step s"],
+                        [[r["config"], f"{_fmt(r['peak_above_baseline_mb']['mean'])} ({_fmt(r['peak_above_baseline_mb']['max'])})",
+                          _ratio(r.get("ratio_to_zero0")), r["sampled_peak_build_mb"]["mean"],
+                          r["sampled_peak_forward_mb"]["mean"], r["sampled_peak_backward_mb"]["mean"],
+                          r["sampled_peak_optimizer_mb"]["mean"],
+                          f"{_fmt(r['in_use_peak_above_baseline_mb']['mean'])} ({_ratio(r.get('in_use_ratio_to_zero0'))})",
+                          r["build_s"]["mean"], r["step_s"]["mean"]] for r in z["rows"]])
     e = doc["results"].get("export", {}).get("report")
     if e:
         lines += [f"## Export memory ({e['preset']}, {e['ranks']} ranks)", ""]

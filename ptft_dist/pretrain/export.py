@@ -4,7 +4,10 @@ Weights are consolidated by DeepSpeed's own ``zero_to_fp32`` (lazily, one tensor
 peak memory stays near the model size), loaded into a stock ``BertForPreTraining`` (the MLM
 decoder is tied to the word embeddings), written with ``save_pretrained`` (safetensors), and then
 checked: the export is reloaded with plain ``transformers`` and its MLM and NSP logits are
-compared with the checkpoint's on a probe batch.
+compared with the consolidated model's and with the training engine's own logits, recorded in the
+checkpoint when it was saved (``probe_logits.pt``, pretrain/probe.py): only the latter catches a
+consolidation error. Past the tolerance (fp32: 1e-4 relative; bf16: 5e-2) convert fails and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from ptft_dist.corpus.format import TOKENIZER_DIR
 from ptft_dist.errors import UserError
 from ptft_dist.fsutil import replace_dir, temp_name
 from ptft_dist.log import get_logger
+from ptft_dist.pretrain import export_checks, probe
+from ptft_dist.pretrain.probe import probe_batch
 
 log = get_logger("convert")
 META = "ptft_export.json"
@@ -126,24 +131,6 @@ def _load_into(model: torch.nn.Module, state: dict) -> None:
         raise ConvertError(f"checkpoint lacks model weights: {', '.join(still_empty[:5])}")
 
 
-def probe_batch(config, n: int = 4, seq: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A deterministic batch with padding and both segments: enough to exercise every weight."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, config.vocab_size, (n, seq), generator=g)
-    mask = torch.ones(n, seq, dtype=torch.long)
-    mask[1, seq // 2 :] = 0
-    types = torch.zeros(n, seq, dtype=torch.long)
-    types[:, seq // 2 :] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-
-
-def _logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    with torch.no_grad():
-        out = model(**batch)
-    return out.prediction_logits.float(), out.seq_relationship_logits.float()
-
-
 def _max_diff(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], batch: dict) -> float:
     mask = batch["attention_mask"].bool()
     mlm = (a[0][mask] - b[0][mask]).abs().max().item()
@@ -153,7 +140,7 @@ def _max_diff(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch
 
 def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, batch: dict) -> float:
     """Largest MLM (unpadded positions) or NSP logit difference between two pretraining models."""
-    return _max_diff(_logits(a, batch), _logits(b, batch), batch)
+    return _max_diff(probe.logits(a, batch), probe.logits(b, batch), batch)
 
 
 def _current_rss_mb() -> float:
@@ -176,17 +163,20 @@ def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite:
     _import_heavy_modules()  # before the memory baseline, so the report measures the weights
     t0 = time.time()
     out = Path(output)
-    _check_request(out, dtype, overwrite)
     source = resolve_checkpoint(src)
+    _check_request(out, dtype, overwrite, source)
     config, tok_dir = _model_config(source), _tokenizer_dir(source)
 
     baseline_mb = _current_rss_mb()
     model = _build_model(config, source, random_init)
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    # the training engine's logits, recorded at checkpoint time (pretrain/probe.py), on their input
+    recorded = None if random_init else probe.read(source.step_dir)
+    batch = recorded["input"] if recorded else probe_batch(config)
     # reference logits now, so the checkpoint model is gone before the export is reloaded:
     # peak memory is then two copies of the weights (model + serialised bytes), never three
-    probe = probe_batch(config)
-    reference = _logits(model, probe)
+    reference = probe.logits(model, batch)
+    export_checks.check_finite_logits(reference, str(source.step_dir))
 
     tmp = temp_name(out)
     try:
@@ -194,12 +184,20 @@ def convert(src: str | Path, output: str | Path, dtype: str = "fp32", overwrite:
         del model
         gc.collect()
         _copy_tokenizer(tok_dir, tmp)
-        diff = _verify_export(tmp, reference, probe, dtype)
+        diff, engine_check = _verify_export(tmp, reference, batch, dtype, recorded, source.step_dir)
         report = _report(source, dtype, random_init, diff, model_bytes, baseline_mb, t0)
+        report["engine_logits_check"] = engine_check
         (tmp / META).write_text(json.dumps(report, indent=2))
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    check = report["engine_logits_check"]
+    if check["recorded"]:
+        log.info(f"export matches the training engine's logits recorded at checkpoint time: relative error "
+                 f"{check['relative_error']:.1e} (tolerance {check['tolerance']:g}, {check['engine_precision']} engine)")
+    elif not random_init:
+        log.warning(f"{source.step_dir} holds no {probe.PROBE_FILE} (written by an older ptft?): the export is "
+                    "checked against the consolidated weights only, which cannot catch a consolidation error")
     log.info(f"{source.step_dir} → {out} ({dtype}); verified: max |logit diff| {report['max_abs_logit_diff']:.2e}; "
              f"memory: +{report['peak_rss_over_baseline_mb']:.0f} MB at peak for a {report['model_mb_fp32']:.1f} MB "
              f"fp32 model ({report['peak_rss_over_model_size']:.2f}x)")
@@ -221,9 +219,8 @@ def _import_heavy_modules() -> None:
     transformers.logging.set_verbosity_error()  # the load report for the classifier head is expected noise
 
 
-def _check_request(out: Path, dtype: str, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+def _check_request(out: Path, dtype: str, overwrite: bool, source: Source) -> None:
+    export_checks.check_output(out, source.step_dir, source.run_dir, overwrite)
     if dtype not in ("fp32", "bf16"):
         raise ConvertError(f"--dtype: {dtype!r} is not one of fp32, bf16")
 
@@ -244,6 +241,7 @@ def _tokenizer_dir(source: Source) -> Path:
     tok_dir = (source.run_dir / TOKENIZER_DIR) if source.run_dir else None  # copied there by `ptft pretrain`
     if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
         raise ConvertError(f"{source.step_dir}: no tokenizer/ beside the checkpoints (expected {tok_dir})")
+    export_checks.check_run_tokenizer(tok_dir, source.client.get("tokenizer_hash"), source.step_dir)
     return tok_dir
 
 
@@ -260,6 +258,7 @@ def _build_model(config, source: Source, random_init: bool) -> torch.nn.Module:
         model = BertForPreTraining(config)
     _load_into(model, consolidated_state_dict(source.step_dir))
     gc.collect()  # DeepSpeed's flat partitions are garbage once every tensor is materialised
+    export_checks.check_finite_weights(model, source.step_dir)
     return model
 
 
@@ -275,23 +274,45 @@ def _copy_tokenizer(tok_dir: Path, tmp: Path) -> None:
             shutil.copy2(f, tmp / f.name)
 
 
-def _verify_export(tmp: Path, reference: tuple[torch.Tensor, torch.Tensor], probe: dict, dtype: str) -> float:
-    """Reload the export with plain transformers, no custom code: the pretraining logits must match
-    the checkpoint's, and the encoder must load into a sequence classifier. Returns the max difference."""
+def _verify_export(tmp: Path, reference: tuple[torch.Tensor, torch.Tensor], batch: dict, dtype: str,
+                   recorded: dict | None, step_dir: Path) -> tuple[float, dict]:
+    """Reload the export with plain transformers, no custom code: its logits must match the
+    consolidated model's (the export wrote what was consolidated) and the training engine's,
+    recorded at checkpoint time (what was consolidated is what was trained), and the encoder must
+    load into a sequence classifier. Returns the max difference to the consolidated model and the
+    engine check's report."""
     from transformers import AutoModelForPreTraining, BertForSequenceClassification
 
     reloaded = AutoModelForPreTraining.from_pretrained(str(tmp), torch_dtype=torch.float32)
-    diff = _max_diff(reference, _logits(reloaded, probe), probe)
+    got = probe.logits(reloaded, batch)
+    diff = _max_diff(reference, got, batch)
     del reloaded
     gc.collect()
-    if dtype == "fp32" and diff > 1e-5:  # bf16 exports are rounded on purpose: reported, not checked
+    if dtype == "fp32" and not diff <= 1e-5:  # NaN fails too; bf16 exports are rounded on purpose: checked against the engine below
         raise ConvertError(f"verification failed: max |logit difference| {diff:.2e} > 1e-05")
+    engine_check = _check_against_engine(got, batch, recorded, dtype, step_dir)
     cls_model, info = BertForSequenceClassification.from_pretrained(str(tmp), num_labels=2, output_loading_info=True)
     encoder_missing = [k for k in info["missing_keys"] if not k.startswith("classifier.")]
     if encoder_missing:
         raise ConvertError(f"export does not load into BertForSequenceClassification: missing {encoder_missing[:5]}")
     del cls_model
-    return diff
+    return diff, engine_check
+
+
+def _check_against_engine(got: tuple[torch.Tensor, torch.Tensor], batch: dict, recorded: dict | None, dtype: str,
+                          step_dir: Path) -> dict:
+    """The export's logits against the engine's recorded ones; a ConvertError past the tolerance of
+    the engine's precision and the export's dtype (pretrain/probe.py, TOLERANCE)."""
+    if recorded is None:
+        return {"recorded": False}
+    err = probe.relative_error(got, (recorded["mlm"], recorded["nsp"]), batch)
+    tol = max(float(recorded["tolerance"]), probe.TOLERANCE[dtype])
+    if not err <= tol:  # NaN fails too
+        raise ConvertError(
+            f"verification failed: the export's logits differ from the training engine's (recorded at checkpoint "
+            f"time in {step_dir / probe.PROBE_FILE}) by {err:.2e} (max |diff| / max |logit|) > tolerance {tol:g} "
+            f"({recorded['precision']} engine, {dtype} export): the consolidated weights are not the trained ones")
+    return {"recorded": True, "engine_precision": recorded["precision"], "relative_error": err, "tolerance": tol}
 
 
 def _report(source: Source, dtype: str, random_init: bool, diff: float, model_bytes: int, baseline_mb: float,

@@ -24,10 +24,9 @@ adds the RNG states. It runs unchanged as one process (CPU or GPU), under ``deep
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,21 +35,25 @@ import yaml
 from transformers import BertConfig
 
 from ptft_dist.checkpoint.manager import CheckpointError, CheckpointManager, restore_rng
-from ptft_dist.checkpoint.preemption import PreemptionHandler, exit_for_requeue
-from ptft_dist.config import Config, config_hash, save_resolved, to_dict
-from ptft_dist.corpus.format import TOKENIZER_DIR, CorpusError, Manifest, load_manifest
-from ptft_dist.dist.collectives import all_sum
+from ptft_dist.checkpoint.preemption import PreemptionHandler, exit_for_requeue, preemption_save
+from ptft_dist.config import Config, config_hash, public_dict, save_resolved
+from ptft_dist.corpus.format import CorpusError, Manifest, load_manifest
+from ptft_dist.corpus.tokenizer import check_tokenizer
+from ptft_dist.dist.collectives import agree_on_error, all_sum
 from ptft_dist.dist.discover import discover
 from ptft_dist.dist.rendezvous import device_for, init_distributed
-from ptft_dist.engine import build_engine
+from ptft_dist.engine import build_engine, model_build_context
 from ptft_dist.engine.schedule import lr_lambda
 from ptft_dist.errors import UserError
 from ptft_dist.log import get_logger
 from ptft_dist.metrics.logger import MetricsLogger, SampleIdLog
 from ptft_dist.metrics.parameters import count_parameters
 from ptft_dist.metrics.throughput import Throughput, device_peak_flops, format_progress, memory_stats
+from ptft_dist.pretrain import probe
 from ptft_dist.pretrain.evaluate import Window, evaluate, format_eval
-from ptft_dist.pretrain.model import build_pretrainer, micro_batch_work, model_inputs
+from ptft_dist.pretrain.guard import NonFiniteGuard
+from ptft_dist.pretrain.model import BertPretrainer, build_pretrainer, micro_batch_work, model_inputs, planned_config
+from ptft_dist.pretrain.run_dir import check_checkpoint_tokenizers, check_run_dir, sync_run_tokenizer
 from ptft_dist.stream.loader import build_train_loader, build_validation_loader
 
 log = get_logger("pretrain")
@@ -110,17 +113,24 @@ class RunIdentity:
         model = saved.get("model_config") or {}
         for key in MODEL_SHAPE_KEYS:
             if key in model and model[key] != ours.get(key):
+                where = ("the vocabulary comes from data.corpus's tokenizer: resume with the corpus the checkpoint "
+                         "was trained on, or start a new train.run_dir" if key == "vocab_size"
+                         else "check model.* settings")
                 raise PretrainError(f"cannot resume: the checkpoint's model has {key}={model[key]}, "
-                                    f"this run's model has {key}={ours.get(key)} (check model.* settings)")
+                                    f"this run's model has {key}={ours.get(key)} ({where})")
         if saved.get("tokenizer_hash") and saved["tokenizer_hash"] != self.tokenizer_hash:
             raise PretrainError(f"cannot resume: the checkpoint was trained with tokenizer {saved['tokenizer_hash']}, "
                                 f"data.corpus has tokenizer {self.tokenizer_hash}")
 
 
 def _corpus_manifest(cfg: Config) -> Manifest:
+    """The corpus manifest, read with ``data.storage_options``; a corpus tokenized otherwise than
+    ``data.expected_tokenizer`` pins is refused here, before a model is built (docs/design.md, guarantee 7)."""
     if not cfg.data.corpus:
         raise PretrainError("data.corpus: required (a directory made by `ptft prepare`, or its URL)")
-    return load_manifest(cfg.data.corpus, cfg.data.storage_options)
+    manifest = load_manifest(cfg.data.corpus, cfg.data.storage_options)
+    check_tokenizer(manifest, cfg.data.expected_tokenizer, cfg.data.corpus)
+    return manifest
 
 
 class Trainer:
@@ -134,10 +144,9 @@ class Trainer:
         self.device = device_for(self.env)
         self.manifest = _corpus_manifest(cfg)
         self.run_dir = Path(cfg.train.run_dir)
+        check_run_dir(cfg)
 
-        torch.manual_seed(cfg.train.seed)
-        self.model = build_pretrainer(cfg.model, self.manifest.vocab_size, self.manifest.special_tokens["pad"],
-                                      nsp=cfg.data.nsp)
+        self.model = self._build_model()
         self.engine = build_engine(self.model, cfg.train, cfg.optim, lr_lambda(cfg.optim, cfg.train.max_steps),
                                    self.env.world_size, self.device)
         self.train_loader, self.val_loader = self._build_loaders()
@@ -149,15 +158,27 @@ class Trainer:
         self.state = TrainState()
         self.identity = RunIdentity(cfg, self.model.hf_model.config, self.manifest.tokenizer_hash, self.env.world_size)
         self.window = Window()
+        self.guard = NonFiniteGuard()
         self.sample_ids: SampleIdLog | None = None
+
+    def _build_model(self) -> BertPretrainer:
+        """The model, built the way the engine needs it (ZeRO-3: partitioned while it is created, so no
+        rank ever holds it whole), then every rank's RNG re-seeded: under ZeRO-3 only rank 0 draws the
+        initial weights, and dropout must not depend on how the model was built."""
+        cfg, vocab, pad = self.cfg, self.manifest.vocab_size, self.manifest.special_tokens["pad"]
+        torch.manual_seed(cfg.train.seed)
+        hidden = planned_config(cfg.model, vocab, pad).hidden_size
+        with model_build_context(cfg.train, cfg.optim, self.env.world_size, self.device, hidden):
+            model = build_pretrainer(cfg.model, vocab, pad, nsp=cfg.data.nsp)
+        torch.manual_seed(cfg.train.seed)
+        return model
 
     def _build_loaders(self) -> tuple:
         cfg, env, manifest = self.cfg, self.env, self.manifest
         train = build_train_loader(cfg.data, cfg.train.micro_batch_size, env.world_size, env.rank,
-                                   expected_tokenizer=manifest.tokenizer_hash, pin_memory=self.device.type == "cuda",
-                                   manifest=manifest)
+                                   pin_memory=self.device.type == "cuda", manifest=manifest)
         val = build_validation_loader(cfg.data, cfg.train.micro_batch_size, env.world_size, env.rank,
-                                      expected_tokenizer=manifest.tokenizer_hash, manifest=manifest)
+                                      manifest=manifest)
         return train, val
 
     # -- before the first step
@@ -168,22 +189,34 @@ class Trainer:
         if path is None:
             return None
         self.identity.check_resume(CheckpointManager.verify(path).get("client", {}))
+        check_checkpoint_tokenizers(self.checkpoints, self.manifest.tokenizer_hash)
         client = self.checkpoints.load(self.engine, path)
         self.train_loader.load_state_dict(client["data"])
         restore_rng(client)
         self.state.load_state_dict(client)
+        if self.state.step > self.cfg.train.max_steps:  # exit 0 would claim a run of max_steps (guarantee 9)
+            raise PretrainError(f"train.max_steps={self.cfg.train.max_steps} is below the step of the checkpoint to "
+                                f"resume ({path}: step {self.state.step}): nothing to train; raise train.max_steps "
+                                "or use a new train.run_dir")
         self.metrics.resume_from(self.state.step)
         return path
 
     def write_run_files(self) -> None:
-        """The resolved config, the corpus tokenizer and the DeepSpeed config, beside the checkpoints.
-        Written only now, once the config, the corpus and any resume have been checked."""
+        """The resolved config, the corpus tokenizer (local or remote: ``ptft convert`` exports it)
+        and the DeepSpeed config, beside the checkpoints. Written only now, once the config, the
+        corpus and any resume have been checked."""
         cfg = self.cfg
+        error = ""
         if self.is_main:
-            save_resolved(cfg, self.run_dir)
-            if "://" not in cfg.data.corpus and not (self.run_dir / TOKENIZER_DIR).exists():
-                shutil.copytree(Path(cfg.data.corpus) / TOKENIZER_DIR, self.run_dir / TOKENIZER_DIR)
-            self.engine.save_ds_config(self.run_dir / "ds_config.json")
+            try:
+                sync_run_tokenizer(cfg, self.run_dir, self.manifest.tokenizer_hash)  # the corpus's, always
+                save_resolved(cfg, self.run_dir)
+                self.engine.save_ds_config(self.run_dir / "ds_config.json")
+            except (OSError, UserError) as err:  # every rank stops, none waits in the first step's collective
+                error = f"cannot write the run files into {self.run_dir}: {err}"
+        error = agree_on_error(error)
+        if error:
+            raise PretrainError(error)
         if cfg.train.log_sample_ids:
             self.sample_ids = SampleIdLog(self.run_dir, self.env.rank)
 
@@ -195,7 +228,7 @@ class Trainer:
                      f"(epoch {self.train_loader.epoch}, {self.train_loader.consumed} samples into it)")
             return
         cfg = self.cfg
-        self.metrics.log_text("config", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.metrics.log_text("config", yaml.safe_dump(public_dict(cfg), sort_keys=False))
         params = count_parameters(self.model)
         log.info(f"{cfg.model.preset} model, {params['total'] / 1e6:.1f}M parameters "
                  f"({params['non_embedding'] / 1e6:.1f}M non-embedding), {self.env.world_size} rank(s), "
@@ -210,6 +243,7 @@ class Trainer:
         with PreemptionHandler() as preemption:
             while self.state.step < self.cfg.train.max_steps:
                 self.train_step(batches)
+                self.guard.check_step(self.state.step, self.engine, self.checkpoints.latest_tag)  # collective
                 stop = preemption.should_stop()  # a collective: every rank, every step
                 save = stop or self.checkpoints.should_save(self.state.step) or self._last_step()
                 if save or self._log_due():
@@ -218,10 +252,10 @@ class Trainer:
                     self.log_step()
                 if self._eval_due():
                     self.run_eval()
-                if save:
-                    self.checkpoints.save(self.engine, self.state.step, self.client_state())
                 if stop:
-                    self.exit_for_requeue()
+                    self.exit_for_requeue()  # saves first; exits with the requeue code even if the save failed
+                if save:
+                    self.save_checkpoint()
         self.metrics.close()
         if self.is_main:
             log.info(f"done, {self.state.step} steps in {time.perf_counter() - t_start:.0f}s; run dir {self.run_dir} "
@@ -252,6 +286,7 @@ class Trainer:
             n_tokens, n_samples, n_flops = micro_batch_work(batch, self.identity.model_config, self.cfg.data.nsp)
             tokens, samples, flops = tokens + n_tokens, samples + n_samples, flops + n_flops
             out = self.engine.forward(**model_inputs(batch))
+            self.guard.add(out.loss)
             self.engine.backward(out.loss)
             self.engine.step()
             self.window.add(out)
@@ -284,16 +319,33 @@ class Trainer:
         if self.is_main and ev:
             log.info(format_eval(self.state.step, ev))
 
+    def save_checkpoint(self) -> Path:
+        """Every rank: the checkpoint, with the engine's probe logits in it (:meth:`probe_files`)."""
+        self.guard.check_weights(self.state.step, self.engine.module, self.checkpoints.latest_tag)
+        return self.checkpoints.save(self.engine, self.state.step, self.client_state(), self.probe_files())
+
+    def probe_files(self) -> Callable[[Path], list[Path]]:
+        """Every rank: the engine's logits on the probe batch now (a collective under ZeRO-3); returns
+        the writer the checkpoint manager calls, with which rank 0 puts them into the checkpoint
+        (``ptft convert`` checks its export against them: pretrain/probe.py)."""
+        recorded = probe.record(self.engine)
+        return lambda step_dir: probe.write(recorded, step_dir, self.is_main)
+
     def client_state(self) -> dict:
         """The checkpoint's client state, gathered from the objects that own it."""
         owned = {**self.state.state_dict(), "data": self.train_loader.state_dict(), **self.identity.state_dict()}
         return {key: owned[key] for key in CLIENT_STATE_KEYS}
 
     def exit_for_requeue(self) -> None:
-        """After the preemption save (docs/design.md, guarantee 6)."""
+        """Save, then exit with the requeue code, also when the save failed: the rerun then resumes
+        from the previous checkpoint (docs/design.md, guarantee 6)."""
+        self.guard.check_weights(self.state.step, self.engine.module, self.checkpoints.latest_tag)
+        saved = preemption_save(self.checkpoints, self.engine, self.state.step, self.client_state(),
+                                self.probe_files())
         if self.is_main:
-            log.info(f"signal received; saved step {self.state.step}, exiting with "
-                     f"{self.cfg.checkpoint.requeue_exit_code} for requeue")
+            what = f"saved step {self.state.step}" if saved else \
+                f"could not save step {self.state.step} (latest is still {self.checkpoints.latest_tag()})"
+            log.info(f"signal received; {what}, exiting with {self.cfg.checkpoint.requeue_exit_code} for requeue")
         self.metrics.close()
         exit_for_requeue(self.cfg.checkpoint)
 

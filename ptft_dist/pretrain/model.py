@@ -190,7 +190,7 @@ class BertPretrainer(nn.Module):
 
     @classmethod
     def from_config(cls, config: BertConfig, **kwargs: Any) -> BertPretrainer:
-        return cls(BertForPreTraining(config), **kwargs)
+        return cls(new_bert_for_pretraining(config), **kwargs)
 
     def forward(
         self,
@@ -305,6 +305,37 @@ def _ce_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     loss = total / count.clamp(min=1)
     correct = ((logits.detach().argmax(-1) == target) & valid).sum()
     return loss, correct, count
+
+
+def new_bert_for_pretraining(config: BertConfig) -> BertForPreTraining:
+    """A freshly initialised ``BertForPreTraining``; under ZeRO-3 one that no rank ever holds whole.
+
+    Inside ``engine.model_build_context`` with ZeRO-3 (transformers then reports
+    ``is_deepspeed_zero3_enabled()``), transformers builds it within ``deepspeed.zero.Init``: each
+    parameter is partitioned as its module is created, and rank 0 initialises one module at a time
+    on gathered parameters. Elsewhere it is built whole. Both paths skip torch's default init and
+    draw HF's ``_init_weights`` in the same module order, so a seed gives the same weights under
+    every ZeRO stage (ZeRO-2 and ZeRO-3 runs stay comparable)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return BertForPreTraining._from_config(config)
+    with no_init_weights():
+        model = BertForPreTraining(config)
+    model.init_weights()  # HF's init, then the decoder is tied to the word embeddings
+    return model
+
+
+def planned_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> BertConfig:
+    """The ``BertConfig`` :func:`build_pretrainer` will use, known before any weight exists (the
+    ZeRO-3 build context is sized from it)."""
+    if model_cfg.init_from:
+        return BertConfig.from_pretrained(model_cfg.init_from)
+    return bert_config(model_cfg, vocab_size, pad_token_id)
 
 
 def build_pretrainer(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int, nsp: bool) -> BertPretrainer:
