@@ -486,37 +486,9 @@ def _cpu_probe_flops(seconds: float = 2.0, n: int = 1024) -> float:
     return best
 
 
-def cpu_theoretical_peak(threads: int) -> tuple[float, str]:
-    """fp32 FLOP/s the cores can issue: cores × clock × FLOPs per cycle of the widest FMA unit
-    (AVX-512: 2 units × 16 lanes × 2; AVX2 + FMA: 2 × 8 × 2; AVX: 8 × 2), from /proc/cpuinfo."""
-    flags, mhz = set(), 0.0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("cpu MHz"):
-                mhz = max(mhz, float(line.split(":", 1)[1]))
-    except (OSError, ValueError):
-        pass
-    freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-    if freq.is_file():
-        mhz = max(mhz, int(freq.read_text()) / 1000.0)
-    if "avx512f" in flags:
-        per_cycle, isa = 64, "AVX-512 (2 FMA units assumed)"
-    elif "avx2" in flags and "fma" in flags:
-        per_cycle, isa = 32, "AVX2 + FMA (2 units)"
-    elif "avx" in flags:
-        per_cycle, isa = 16, "AVX"
-    else:
-        per_cycle, isa = 8, "SSE"
-    cores = min(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    peak = cores * mhz * 1e6 * per_cycle
-    return peak, f"theoretical: {cores} cores × {mhz:.0f} MHz × {per_cycle} fp32 FLOP/cycle ({isa})"
-
-
 def peak_flops(setup: Setup, override_tflops: Optional[float]) -> tuple[float, str]:
     """One peak for both sides: ``--peak-tflops``; else the data-sheet table on a GPU; on a CPU the
-    theoretical peak (:func:`cpu_theoretical_peak`), or a measured matmul rate where that is higher
+    theoretical peak (ptft_dist/metrics/cpu_peak.py, what training logs), or a measured matmul rate where that is higher
     (a turbo clock above the one /proc/cpuinfo reports): never a probe below what the cores can do."""
     import torch
 
@@ -527,8 +499,11 @@ def peak_flops(setup: Setup, override_tflops: Optional[float]) -> tuple[float, s
     if setup.device == "cuda":
         dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
         return device_peak_flops(torch.device("cuda", 0), dtype)
+    from ptft_dist.metrics.cpu_peak import cpu_peak
+
     torch.set_num_threads(setup.threads)
-    theory, source = cpu_theoretical_peak(setup.threads)
+    peak = cpu_peak(torch.float32, cores=setup.threads)
+    theory, source = peak.flops, peak.describe()
     probe = _cpu_probe_flops()
     source += f"; matmul probe now {probe / 1e12:.4f} TFLOP/s"
     if probe > theory:

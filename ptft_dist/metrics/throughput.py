@@ -185,8 +185,8 @@ def device_peak_flops(
     """Peak FLOP/s of one device for MFU, and where the number comes from.
 
     Order: the config's ``train.device_peak_tflops``; for a GPU the data-sheet table (dense, no
-    sparsity; TF32 rate for fp32 when torch allows TF32 matmuls); otherwise a short matmul probe
-    (~1 s on CPU, cached per process) -- a measured rate, so MFU against it reads high.
+    sparsity; TF32 rate for fp32 when torch allows TF32 matmuls; a probe if not in it); on CPU
+    the CPU's instruction-set peak (metrics/cpu_peak.py; never a probe reading under load).
     """
     if override_tflops:
         return float(override_tflops) * 1e12, "config"
@@ -198,7 +198,19 @@ def device_peak_flops(
         if tflops is not None:
             return tflops * 1e12, f"table: {name}"
         return _probe_flops("cuda", device.index, dtype), f"probe: {name} (not in the table)"
-    return _probe_flops(device.type, None, torch.float32), f"probe: {device.type} fp32 matmul"
+    return _cpu_peak_flops(dtype)
+
+
+def _cpu_peak_flops(dtype: torch.dtype) -> tuple[float, str]:
+    """The instruction set's peak (metrics/cpu_peak.py), not a probe taken under whatever load
+    there is; a matmul probe only raises it, when the clock runs above what the OS reports."""
+    from ptft_dist.metrics.cpu_peak import cpu_peak
+
+    peak = cpu_peak(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    probed = _probe_flops("cpu", None, torch.float32)
+    if probed > peak.flops:
+        return probed, f"probe: cpu fp32 matmul {probed / 1e12:.3f} TFLOP/s, above the {peak.describe()}"
+    return peak.flops, peak.describe()
 
 
 # --------------------------------------------------------------------------- memory
