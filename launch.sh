@@ -487,13 +487,11 @@ case $MODE in
     [[ $(id -u) == 0 ]] && CMD+=(--allow-run-as-root)
     opt oversubscribe && CMD+=(--oversubscribe)
     if opt hostfile; then
-      # remote ranks get only what -x forwards
-      while IFS= read -r var; do
-        case $var in
-          PATH | PYTHONPATH | VIRTUAL_ENV | LD_LIBRARY_PATH | OMP_NUM_THREADS | TOKENIZERS_PARALLELISM | HF_* | NCCL_* | GLOO_* | TORCH_* | PTFT_*)
-            CMD+=(-x "$var") ;;
-        esac
-      done < <(compgen -e | LC_ALL=C sort)
+      # remote ranks get only what -x forwards: the same allow-list as .deepspeed_env (one list,
+      # ptft_dist/dist/launcher_env.py), with this venv first on PATH and this checkout on PYTHONPATH
+      while IFS= read -r -d '' kv; do
+        CMD+=(-x "$kv")
+      done < <("${DIST[@]}" --forward-env)
     fi
     CMD+=("${LAUNCHER_ARGS[@]}")
     direct_program 1

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -154,9 +153,9 @@ def bench_env(threads: Optional[int] = None, **extra: str) -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from ptft_dist.dist.discover import free_port as _free_port
+
+    return _free_port("127.0.0.1")
 
 
 def ptft_command(subcommand: str, args: list[str], nproc: int = 1) -> list[str]:

@@ -187,7 +187,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 42
     run_dir: str = "runs/pretrain"
-    device_peak_tflops: Optional[float] = None  # for MFU; default: GPU table or a CPU matmul probe
+    device_peak_tflops: Optional[float] = None  # for MFU; default: the GPU data-sheet table, or the CPU instruction-set peak (cores x clock x FLOP/cycle)
     log_sample_ids: bool = False  # every rank appends the global sample ids of each step to RUN_DIR/sample_ids/
 
 

@@ -10,6 +10,7 @@ Also runs as a file, ``python ptft_dist/dist/__main__.py``, for launchers that c
     --gpus-per-node          GPUs per node of the SLURM allocation (nothing when none)
     --write-deepspeed-env [PATH] [--set KEY=VALUE ...]
     --encode-argv ARGS...    the --exec-b64 word for ARGS
+    --forward-env            NUL-separated KEY=VALUE of what remote ranks need (mpirun -x)
     --exec-b64 WORD          run the program line WORD encodes
 
 Known failures print one ``ptft dist: error: ...`` line and exit 2 (no traceback).
@@ -30,7 +31,7 @@ import json
 import os
 
 from ptft_dist.dist.discover import discover
-from ptft_dist.dist.launcher_env import decode_argv, encode_argv, exec_argv, write_deepspeed_env
+from ptft_dist.dist.launcher_env import decode_argv, deepspeed_env, encode_argv, exec_argv, write_deepspeed_env
 from ptft_dist.dist.layout import DistError, LayoutError
 from ptft_dist.dist.rendezvous import device_for, init_distributed
 from ptft_dist.dist.slurm import slurm_gpus_per_node, slurm_hostnames
@@ -115,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         "--gpus-per-node", action="store_true", help="GPUs per node of the SLURM allocation (nothing when none)"
     )
     mode.add_argument(
+        "--forward-env",
+        action="store_true",
+        help="NUL-separated KEY=VALUE a remote rank needs (the .deepspeed_env allow-list; launch.sh mpirun -x)",
+    )
+    mode.add_argument(
         "--write-deepspeed-env",
         nargs="?",
         const=".deepspeed_env",
@@ -160,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             return _gpus_per_node()
         if args.discover:
             print(json.dumps(discover().to_dict()), flush=True)
+            return 0
+        if args.forward_env:
+            sys.stdout.write("".join(f"{k}={v}\0" for k, v in sorted(deepspeed_env().items())))
             return 0
         return _write_deepspeed_env(args, parser)
     except DistError as exc:

@@ -3,7 +3,7 @@ BERT step reaches on them -- every number with where it comes from.
 
 Peak FLOP/s are not repeated here: they come from :func:`ptft_dist.metrics.throughput.gpu_peak_tflops`
 (the table MFU is logged against), looked up by the device name below. For ``cpu`` the peak is the
-matmul probe the training loop uses (:func:`~ptft_dist.metrics.throughput.device_peak_flops`).
+instruction-set peak the training loop logs MFU against (:func:`~ptft_dist.metrics.throughput.device_peak_flops`).
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ class MfuSource:
 # (accelerator, precision) -> MFU. Ours where we have a run; else a published run, named as such.
 MEASURED_MFU: dict[tuple[str, str], MfuSource] = {
     ("cpu", "fp32"): MfuSource(
-        0.49, "ours: benchmarks/pretrain_throughput.py, `ptft pretrain` mini, seq 128, micro-batch 32, 2 threads, "
-        "2026-11-29 (benchmarks/results/latest.json: MFU 49.1% of the probed 0.199 TFLOP/s)", True),
+        0.363, "ours: benchmarks/pretrain_throughput.py, `ptft pretrain` mini, seq 128, micro-batch 32, 2 threads, "
+        "2026-11-29: 0.0977 TFLOP/s achieved = 36.3% of the instruction-set peak 0.269 TFLOP/s "
+        "(2 cores x 2.1 GHz x 64 FLOP/cycle; metrics/cpu_peak.py)", True),
     ("a100", "bf16"): MfuSource(
         0.366, "published, not ours: NVIDIA DeepLearningExamples TensorFlow2 BERT README, BERT-large phase 1 "
         "(seq 128, LAMB, mixed precision) on 1 DGX A100: 3,803.82 seq/s for 8 GPUs = 36.6% of 312 TFLOP/s by "

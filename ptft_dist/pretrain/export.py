@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ptft_dist.checkpoint.manager import CHECKPOINTS_DIR, CheckpointError, find_checkpoint, read_manifest
-from ptft_dist.checkpoint.universal import META_FILE
+from ptft_dist.checkpoint.universal import read_meta
 from ptft_dist.corpus.format import TOKENIZER_DIR
 from ptft_dist.errors import UserError
 from ptft_dist.fsutil import replace_dir, temp_name
@@ -57,11 +57,6 @@ def resolve_checkpoint(path: str | Path) -> Source:
         raise ConvertError(str(exc)) from None
     run_dir = step_dir.parent.parent if step_dir.parent.name == CHECKPOINTS_DIR else None
     return Source(step_dir, run_dir, read_manifest(step_dir).get("client", {}))
-
-
-def _backend_meta(step_dir: Path) -> dict:
-    meta = step_dir / META_FILE
-    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -326,7 +321,7 @@ def _report(source: Source, dtype: str, random_init: bool, diff: float, model_by
         "corpus": source.client.get("data", {}).get("corpus_fingerprint"),
         "dtype": dtype,
         "random_init": random_init,
-        "backend": _backend_meta(source.step_dir),
+        "backend": read_meta(source.step_dir),
         "max_abs_logit_diff": diff,
         "verified": True,
         "model_mb_fp32": round(model_bytes / 2**20, 2),

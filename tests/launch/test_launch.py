@@ -170,9 +170,10 @@ def test_dry_run_mpirun(hostfiles):
     )
     words = shlex.split(out)
     assert out.startswith(f"mpirun -np 4 --hostfile {hostfiles['two']}{root} -x ")
-    exported = {words[i + 1] for i, w in enumerate(words) if w == "-x"}
-    assert {"PATH", "PTFT_CACHE", "NCCL_DEBUG", "TORCH_EXTENSIONS_DIR"} <= exported
-    assert "NOT_FORWARDED" not in exported
+    exported = dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-x")
+    assert {"PATH", "PTFT_CACHE", "NCCL_DEBUG", "TORCH_EXTENSIONS_DIR"} <= set(exported)
+    assert "NOT_FORWARDED" not in exported and exported["PTFT_CACHE"] == "/c"
+    assert exported["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)  # remote ranks run this checkout
 
 
 def test_dry_run_auto():
