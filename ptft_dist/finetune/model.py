@@ -114,20 +114,23 @@ def load_tokenizer(tok_dir: str | Path, model_config: Any) -> Any:
     return tok
 
 
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding)  # peft adapts both (an embedding: A is vocab x r)
+
+
 def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
-    """Full names of the Linear layers whose last name is in ``names``, outside the modules saved
-    whole (the pooler's ``dense`` is trained fully, not through LoRA)."""
+    """Full names of the Linear (or Embedding) layers whose last name is in ``names``, outside the
+    modules saved whole (the pooler's ``dense`` is trained fully, not through LoRA)."""
     wanted = set(names)
     out = []
     for full, module in model.named_modules():
         parts = full.split(".")
-        if (isinstance(module, torch.nn.Linear) and parts[-1] in wanted
+        if (isinstance(module, LORA_LAYERS) and parts[-1] in wanted
                 and not any(p in MODULES_TO_SAVE for p in parts)):
             out.append(full)
     if not out:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise FinetuneError(f"finetune.lora_target_modules={list(names)} matches no Linear layer of the model "
-                            f"(Linear layer names: {', '.join(linear)})")
+        layers = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)})
+        raise FinetuneError(f"finetune.lora_target_modules={list(names)} matches no Linear or Embedding layer of "
+                            f"the model (their names: {', '.join(layers)})")
     return out
 
 
