@@ -18,12 +18,13 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.timeout(1700)  # ~7 min on a quiet 2-core CPU; the default 900 s is too tight when the machine is shared
 def test_quick_demo_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "ptft_dist.cli", "demo", "--quick", "--output", str(out)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = {s["name"]: s for s in json.loads((out / "summary.json").read_text())}
     assert list(stages)[:5] == ["demo-data", "prepare", "verify", "pretrain", "convert"]
