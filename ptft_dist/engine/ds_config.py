@@ -205,19 +205,27 @@ def _hidden_size(model: Optional[torch.nn.Module]) -> Optional[int]:
     return int(h) if isinstance(h, int) else None
 
 
-def _fill_buckets(r: _Resolver, model: Optional[torch.nn.Module], stage: int, is_cuda: bool) -> None:
-    """Bucket sizes and overlap: HF's conventions for ZeRO-3 (a function of the hidden size)."""
-    h = _hidden_size(model)
+def _fill_buckets(r: _Resolver, h: Optional[int], stage: int, is_cuda: bool) -> None:
+    """Bucket sizes and overlap: HF's conventions for ZeRO-3 (a function of the hidden size ``h``)."""
     r.default("zero_optimization.overlap_comm", is_cuda)
     r.default("zero_optimization.reduce_bucket_size", h * h if (h and stage == 3) else int(2e8))
     r.default("zero_optimization.allgather_bucket_size", int(2e8))
     r.default("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * h * h) if h else int(5e7))
     r.default("zero_optimization.stage3_param_persistence_threshold", 10 * h if h else int(1e5))
+    # ZeRO-3 is chosen for memory: keep about two transformer layers (24·h² parameters) gathered, not
+    # DeepSpeed's 1e9, with which every parameter stays gathered from its forward use to its backward
+    # one (the whole model of any BERT, on every rank; measured: benchmarks/zero_memory.py).
+    r.default("zero_optimization.stage3_max_live_parameters", 24 * h * h if h else int(1e9))
+    r.default("zero_optimization.stage3_max_reuse_distance", 24 * h * h if h else int(1e9))
 
 
 def resolve_deepspeed_config(cfg_train: TrainConfig, cfg_optim: OptimConfig, world_size: int,
-                             device: torch.device, model: Optional[torch.nn.Module] = None) -> dict:
+                             device: torch.device, model: Optional[torch.nn.Module] = None,
+                             hidden_size: Optional[int] = None) -> dict:
     """The complete DeepSpeed config for this run: template or user JSON, "auto" filled, checked.
+
+    The hidden size (ZeRO-3 bucket sizes) comes from ``model.config`` or, before the model exists
+    (it is built under the resolved config: ``engine.model_build_context``), from ``hidden_size``.
 
     Raises :class:`EngineConfigError` (a ValueError) naming the DeepSpeed key and the run-config
     key when the user's JSON contradicts the run config.
@@ -234,7 +242,7 @@ def resolve_deepspeed_config(cfg_train: TrainConfig, cfg_optim: OptimConfig, wor
     optimizer = _fill_optimizer(r, cfg_optim)
     if optimizer == "lamb":
         _check_lamb(stage, device)
-    _fill_buckets(r, model, stage, is_cuda)
+    _fill_buckets(r, _hidden_size(model) or hidden_size, stage, is_cuda)
     if offload_opt and optimizer not in ("adam", "adamw"):
         raise EngineConfigError("train.offload_optimizer=true needs optim.name=adamw (DeepSpeedCPUAdam)")
     left = r.leftover_autos()
