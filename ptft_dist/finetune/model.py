@@ -1,6 +1,8 @@
-"""The task model: a sequence classifier on any BERT-family HF dir, full or LoRA (PEFT), and its export.
+"""The task model on any BERT-family HF dir, full or LoRA (PEFT), and its export: a sequence
+classifier (classification, regression), a token classifier or a span extractor (extractive QA).
 
-Loading is plain ``AutoModelForSequenceClassification.from_pretrained``: our own ``ptft convert``
+Loading is plain ``AutoModelFor{SequenceClassification,TokenClassification,QuestionAnswering}
+.from_pretrained`` (``HEADS``): our own ``ptft convert``
 exports (``BertForPreTraining``) and third-party encoders (``BertModel``, e.g. MiniLM) both work;
 the classifier head is new, the encoder weights must all come from the directory.
 
