@@ -122,6 +122,23 @@ def test_windows_cover_long_contexts_and_answers_map_back(qa):
         encode_qa(tok, long_q, 48, 16)
 
 
+def test_an_answer_in_no_window_is_counted_and_trains_as_cls(qa):
+    from ptft_dist.finetune.qa_data import answers_outside_windows
+
+    tok = AutoTokenizer.from_pretrained(str(qa / "tok"))
+    long_answer = " ".join(["river birds sang"] * 12)
+    context = f"it was quiet. {long_answer}. the sun rose."
+    sp = QASplit(["a", "b"], ["what is the code?"] * 2, [context, "the code is red."],
+                 [[(long_answer, context.index(long_answer))], [("red", 12)]], "x")
+    enc = encode_qa(tok, sp, 32, 8, train=True)
+    assert answers_outside_windows(sp, enc) == 1  # the 36-word answer fits no 32-token window
+    first = [f for f, e in enumerate(enc.example_of) if e == 0]
+    assert len(first) > 1 and all(enc.targets["start_positions"][f] == 0 for f in first)
+    (f_b,) = [f for f, e in enumerate(enc.example_of) if e == 1]
+    s, t = enc.targets["start_positions"][f_b], enc.targets["end_positions"][f_b]
+    assert sp.contexts[1][enc.offsets[f_b][s][0]:enc.offsets[f_b][t][1]] == "red"
+
+
 def test_best_span_across_windows_respects_context_and_length():
     """Two windows of one question: the best valid span is in the second; a higher-scoring pair in
     the question (no offsets) or longer than max_answer_length is never picked."""
