@@ -175,6 +175,13 @@ def test_lora_iobes_jsonl_all_pieces_zero3_learns(ner):
     assert r["parameters"]["trainable"] < r["parameters"]["total"] / 2
     acfg = json.loads((ner / "lora" / "best" / "adapter" / "adapter_config.json").read_text())
     assert acfg["task_type"] == "TOKEN_CLS" and "classifier" in acfg["modules_to_save"]
+    from ptft_dist.finetune.evaluate import evaluate_model
+
+    cfg = load_config(ner / "lora.yaml").finetune
+    merged, adapter = (evaluate_model(d, cfg, "validation", device=torch.device("cpu"))
+                       for d in (ner / "lora" / "best", ner / "lora" / "best" / "adapter"))
+    assert adapter["kind"] == "adapter" and adapter["f1"] == merged["f1"] == r["validation"]["f1"]
+    assert adapter["loss"] == pytest.approx(merged["loss"], abs=1e-5)
     assert not any("classifier" in t for t in acfg["target_modules"])
 
 
