@@ -104,13 +104,14 @@ def write_squad_json(path: Path, examples: list[dict]) -> Path:
     return path
 
 
-def train_tokenizer(out: Path, seed: int = 0) -> Path:
-    """A WordPiece tokenizer over both tasks' words (every name and value is a whole piece)."""
+def train_tokenizer(out: Path, seed: int = 0, extra: tuple[str, ...] = ()) -> Path:
+    """A WordPiece tokenizer over both tasks' words (every name and value is a whole piece), and
+    the ``extra`` texts'."""
     from ptft_dist.corpus.tokenizer import train_wordpiece
 
     rng = random.Random(seed)
     texts = [" ".join(ner_sentence(rng)[0]) for _ in range(400)] + [qa_example(rng)["context"] for _ in range(200)]
-    texts += ["what is the code?"] * 10
+    texts += ["what is the code?"] * 10 + list(extra)
     train_wordpiece(texts, out, TokenizerConfig(vocab_size=300, min_frequency=1))
     return out
 
