@@ -134,7 +134,7 @@ def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
     for full, module in model.named_modules():
         parts = full.split(".")
         if (isinstance(module, torch.nn.Linear) and parts[-1] in wanted
-                and not any(p in MODULES_TO_SAVE or p == "qa_outputs" for p in parts)):
+                and not any(p in MODULES_TO_SAVE for p in parts)):
             out.append(full)
     if not out:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
