@@ -198,7 +198,7 @@ class TrainConfig:
 class FinetuneConfig:
     model: str = ""  # HF model directory (ours from `ptft convert`, or any BERT-family model)
     method: Literal["full", "lora"] = "full"
-    task_type: Literal["classification", "regression"] = "classification"
+    task_type: Literal["classification", "regression", "token_classification", "extractive_qa"] = "classification"
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
     test_file: Optional[str] = None
@@ -209,6 +209,18 @@ class FinetuneConfig:
     split_seed: int = 13  # used when only a train split is given: fixed-seed 80/10/10
     max_train_samples: int = 0  # train on a fixed-seed subset of this many examples (0 = all)
     max_seq_len: int = 128
+    # token_classification: CoNLL column files (.conll/.txt/.iob/.bio) or JSONL with tokens + tags lists
+    tokens_column: str = "tokens"  # JSONL: the list of words
+    tags_column: str = "tags"  # JSONL: the list of tags, one per word
+    conll_token_column: int = 0  # CoNLL: column of the word (0-based)
+    conll_tag_column: int = -1  # CoNLL: column of the tag (-1 = last)
+    tag_scheme: Literal["auto", "IOB2", "BIO", "IOBES"] = "auto"  # auto: IOBES if any E-/S- tag, else IOB2 (= BIO)
+    label_subwords: Literal["first", "all"] = "first"  # label the first piece of a word only, or every piece
+    # extractive_qa: SQuAD v1.1/v2.0 JSON or JSONL with context, question, answers {text, answer_start}
+    doc_stride: int = 128  # tokens shared by consecutive windows of a long context
+    max_answer_length: int = 30  # longest answer span, in tokens
+    n_best: int = 20  # start and end candidates per window in the span search
+    bad_answers: Literal["fail", "skip"] = "fail"  # answer_start not matching the answer text: stop, or count and skip
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -222,7 +234,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.06  # linear warmup over this share of the optimizer steps, then linear decay
     batch_size: int = 32
     group_by_length: bool = True  # batch train examples of similar length (less padding; order stays seeded)
-    metric_for_best: str = "accuracy"
+    metric_for_best: str = ""  # "" = the task's own: accuracy, pearson, f1 (entity), f1 (SQuAD)
     early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
     output_dir: str = "runs/finetune"
     export: Literal["merged", "adapter", "both"] = "merged"

@@ -153,6 +153,9 @@ RANGES: dict[str, Range] = {
     "finetune.batch_size": AT_LEAST_1,
     "finetune.early_stopping_patience": AT_LEAST_0,
     "finetune.checkpoint_every": AT_LEAST_0,
+    "finetune.doc_stride": AT_LEAST_0,
+    "finetune.max_answer_length": AT_LEAST_1,
+    "finetune.n_best": AT_LEAST_1,
 }
 
 

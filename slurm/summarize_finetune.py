@@ -8,7 +8,9 @@ Reads every ``OUT/*/results.json`` (shaped ``{"method": ..., "validation": {"acc
 and the row records ``OUT/slurm/row-*/row.json`` that the template writes (config, seed, lr, exit
 status). ``--grid`` also lists rows that never ran. Writes ``OUT/summary.md`` (one line per row,
 then mean ± std over seeds of each config/lr/method with more than one seed) and ``OUT/summary.tsv``
-(full precision), and prints the Markdown. Exit status 0 even when rows failed: they are listed
+(full precision, with a ``task`` column), and prints the Markdown. A grid of several task types
+(``task.task_type`` of results.json: classification, regression, token_classification,
+extractive_qa) gets one Markdown section per task type, each with that task's own metric columns. Exit status 0 even when rows failed: they are listed
 with their state. Standard library only.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 META = ("row", "config", "seed", "lr", "method", "state")
+NOT_METRICS = frozenset(META) | {"task"}
 
 
 def row_name(index: int) -> str:
@@ -96,6 +99,8 @@ def collect(out: Path, grid: dict[str, dict[str, str]] | None = None) -> list[di
             flatten(split, data.get(split, {}), metrics)
         row.update(metrics)
         row["method"] = str(data.get("method", ""))
+        task = data.get("task")
+        row["task"] = str(task.get("task_type", "")) if isinstance(task, dict) else ""
         for k in ("config", "seed", "lr"):  # a results.json that names them fills gaps
             if not row.get(k) and data.get(k) not in (None, ""):
                 row[k] = str(data[k])
@@ -105,7 +110,7 @@ def collect(out: Path, grid: dict[str, dict[str, str]] | None = None) -> list[di
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    names = {k for r in rows for k in r if k not in META}
+    names = {k for r in rows for k in r if k not in NOT_METRICS}
     order = {"validation": 0, "test": 1}
     return sorted(names, key=lambda k: (order.get(k.split(".")[0], 2), k))
 
@@ -146,15 +151,30 @@ def groups(rows: list[dict[str, Any]], metrics: list[str]) -> list[list[str]]:
     return body
 
 
-def render(rows: list[dict[str, Any]]) -> tuple[str, str]:
-    """(Markdown, TSV) text."""
+def _section(rows: list[dict[str, Any]], level: str) -> list[str]:
+    """The rows' table with their own metric columns, then mean ± std over seeds."""
     metrics = metric_columns(rows)
     header = list(META) + metrics
-    md = [f"# Fine-tuning grid: {len(rows)} row(s), {sum(r.get('state') == 'ok' for r in rows)} finished", ""]
-    md.append(_md_table(header, [[_fmt(r.get(k)) for k in header] for r in rows]))
+    md = [_md_table(header, [[_fmt(r.get(k)) for k in header] for r in rows])]
     agg = groups(rows, metrics)
     if agg:
-        md += ["", "## Mean ± std over seeds", "", _md_table(["config", "lr", "method", "n", *metrics], agg)]
+        md += ["", f"{level} Mean ± std over seeds", "", _md_table(["config", "lr", "method", "n", *metrics], agg)]
+    return md
+
+
+def render(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(Markdown, TSV) text."""
+    md = [f"# Fine-tuning grid: {len(rows)} row(s), {sum(r.get('state') == 'ok' for r in rows)} finished", ""]
+    tasks = sorted({r.get("task", "") for r in rows if r.get("task")})
+    if len(tasks) <= 1:
+        md += _section(rows, "##")
+    else:  # one table per task type: NER's entity F1 and QA's exact match do not share columns
+        for task in tasks + [""]:
+            members = [r for r in rows if r.get("task", "") == task]
+            if members:
+                md += [f"## {task or 'rows without results'}: {len(members)} row(s)", "", *_section(members, "###"), ""]
+    metrics = metric_columns(rows)
+    header = list(META) + ["task"] + metrics
     tsv = ["\t".join(header)]
     tsv += ["\t".join(repr(r[k]) if isinstance(r.get(k), float) else _fmt(r.get(k)) for k in header) for r in rows]
     return "\n".join(md) + "\n", "\n".join(tsv) + "\n"

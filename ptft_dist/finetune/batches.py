@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -26,10 +26,17 @@ MEGABATCH = 50  # global batches sorted together when grouping by length (HF's L
 
 @dataclass
 class Encoded:
-    """Token ids per example, unpadded: each batch is padded only to its own longest example."""
+    """Token ids per example (a *feature*: one window of a long QA context), unpadded: each batch is
+    padded only to its own longest example. ``targets`` are per-feature training targets the batch
+    carries: ``labels`` per piece (token classification, padded with -100), ``start_positions`` /
+    ``end_positions`` (extractive QA)."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
+    targets: dict[str, list] = field(default_factory=dict)
+    word_ids: Optional[list] = None  # token classification: the word of each piece (None: a special token)
+    offsets: Optional[list] = None  # extractive QA: context (start, end) chars of each piece, None outside it
+    example_of: Optional[np.ndarray] = None  # extractive QA: the example each feature is a window of
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -64,7 +71,19 @@ def collate(enc: Encoded, idx: Sequence[int], pad_id: int, labels: Optional[np.n
     batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
     if labels is not None:
         batch["labels"] = torch.as_tensor(labels[np.asarray(idx)])
+    for key, values in enc.targets.items():
+        batch[key] = _target_tensor([values[i] for i in idx], width)
     return batch
+
+
+def _target_tensor(values: list, width: int) -> torch.Tensor:
+    """Per-feature targets: ints as they are, per-piece lists padded with -100 (ignored by the loss)."""
+    if values and isinstance(values[0], list):
+        out = torch.full((len(values), width), -100, dtype=torch.long)
+        for row, v in enumerate(values):
+            out[row, :len(v)] = torch.as_tensor(v, dtype=torch.long)
+        return out
+    return torch.as_tensor(values, dtype=torch.long)
 
 
 def batches(enc: Encoded, idx: np.ndarray, batch_size: int, pad_id: int, labels: Optional[np.ndarray] = None,

@@ -1,6 +1,6 @@
-"""Running a classifier over examples: rank-sharded inference with exact gathered metrics, the
+"""Running a fine-tuned model over examples: rank-sharded inference with exact gathered metrics, the
 choice of the metric that picks the best epoch, and the ``ptft evaluate`` / ``ptft predict`` entry
-points.
+points (what differs per task type is in finetune/kinds.py).
 
 The same functions serve the training loop's per-epoch validation (through the engine, every
 rank a shard, predictions gathered so metrics are computed on exactly the whole split) and a
@@ -10,6 +10,7 @@ single-process evaluation of an exported directory, so the numbers in results.js
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,15 +21,12 @@ import torch
 
 from ptft_dist.config import FinetuneConfig
 from ptft_dist.dist.collectives import gather_object
+from ptft_dist.finetune import kinds
 from ptft_dist.finetune.batches import Encoded, batches, collate, encode, eval_shard
+from ptft_dist.finetune.kinds import LOWER_IS_BETTER, METRICS, head_output
 from ptft_dist.finetune.model import Exported, FinetuneError, load_exported
-from ptft_dist.finetune.scores import classification_metrics, regression_metrics
-from ptft_dist.finetune.tasks import SPLITS, load_task
+from ptft_dist.finetune.tasks import SPLITS, TaskData
 from ptft_dist.log import get_logger
-
-METRICS = {"classification": ("accuracy", "macro_f1", "mcc", "loss"),
-           "regression": ("pearson", "spearman", "mse", "loss")}
-LOWER_IS_BETTER = frozenset({"loss", "mse"})
 
 log = get_logger("evaluate")
 
@@ -37,32 +35,34 @@ log = get_logger("evaluate")
 
 
 def predict_logits(forward: Callable[[dict], torch.Tensor], enc: Encoded, batch_size: int, pad_id: int,
-                   rank: int = 0, world: int = 1, pad_multiple: int = 1) -> np.ndarray:
-    """Logits of every example, in order, on every rank: each rank runs its shard, then one gather."""
+                   rank: int = 0, world: int = 1, pad_multiple: int = 1) -> np.ndarray | list[np.ndarray]:
+    """Outputs of every feature, in order, on every rank: each rank runs its shard, then one gather.
+
+    Per-feature outputs (a sequence task's logits) come back as one array; per-piece outputs (token
+    logits, QA start/end logits) as a list of arrays, each cut to its feature's own length (batch
+    padding removed, so the numbers do not depend on which rank ran which feature)."""
     mine = eval_shard(len(enc), rank, world, enc.lengths())
+    lengths = enc.lengths()
+    local: list[np.ndarray] = []
     with torch.no_grad():
-        chunks = [forward(b).detach().float().cpu().numpy()
-                  for b in batches(enc, mine, batch_size, pad_id, pad_multiple=pad_multiple)]
-    local = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+        for b in batches(enc, mine, batch_size, pad_id, pad_multiple=pad_multiple):
+            out = forward({k: v for k, v in b.items() if k in ("input_ids", "token_type_ids", "attention_mask")})
+            local.extend(out.detach().float().cpu().numpy())
+    local = [x[:lengths[i]] if x.ndim == 2 else x for i, x in zip(mine, local)]
     parts = gather_object((mine, local)) if world > 1 else [(mine, local)]
-    width = max((p[1].shape[1] for p in parts if p[1].size), default=1)
-    out = np.zeros((len(enc), width), dtype=np.float32)
-    for idx, logits in parts:
-        if len(idx):
-            out[idx] = logits  # repeated (padding) examples write the same values twice
-    return out
+    rows: list[Optional[np.ndarray]] = [None] * len(enc)
+    for idx, outs in parts:
+        for i, x in zip(idx, outs):
+            rows[i] = x  # repeated (padding) examples write the same values twice
+    if rows and rows[0] is not None and rows[0].ndim == 2:
+        return rows
+    width = max((len(x) for x in rows if x is not None), default=1)
+    return np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)
 
 
 def task_metrics(task_type: str, labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """The task's metrics plus ``loss`` (mean cross-entropy / MSE over all examples)."""
-    if task_type == "regression":
-        m = regression_metrics(labels.astype(np.float64), logits.reshape(-1).astype(np.float64))
-        m["loss"] = m["mse"]
-        return m
-    m = classification_metrics(labels, logits)
-    lg = torch.as_tensor(logits, dtype=torch.float64)
-    m["loss"] = float(torch.nn.functional.cross_entropy(lg, torch.as_tensor(labels, dtype=torch.long))) if len(labels) else 0.0
-    return m
+    """A sequence task's metrics plus ``loss`` (kept for callers of the classification-only API)."""
+    return kinds.sequence_metrics(task_type, labels, logits)
 
 
 def is_better(metric: str, value: float, best: Optional[float]) -> bool:
@@ -77,7 +77,7 @@ def is_better(metric: str, value: float, best: Optional[float]) -> bool:
 
 def check_metric(task_type: str, metric: str) -> None:
     """Refuse a ``metric_for_best`` the task never reports before training, not after epoch one."""
-    if metric not in METRICS[task_type]:
+    if metric and metric not in METRICS[task_type]:
         raise FinetuneError(f"finetune.metric_for_best={metric!r} is not a {task_type} metric "
                             f"(one of {', '.join(METRICS[task_type])})")
 
@@ -88,7 +88,7 @@ def _device() -> torch.device:
 
 def model_forward(model: torch.nn.Module, device: torch.device) -> Callable[[dict], torch.Tensor]:
     def forward(batch: dict) -> torch.Tensor:
-        return model(**{k: v.to(device) for k, v in batch.items()}).logits
+        return head_output(model(**{k: v.to(device) for k, v in batch.items()}))
 
     return forward
 
@@ -106,25 +106,38 @@ def map_labels(task_labels: np.ndarray, task_names: Sequence[str], model_names: 
     return lut[task_labels]
 
 
+def _model_labels(task: TaskData, split: str, ex: Exported, where: str) -> Optional[np.ndarray]:
+    """The split's gold labels in the model's label ids (token tags are remapped in place)."""
+    data = task.splits[split]
+    if ex.task_type == "classification":
+        return map_labels(data.labels, task.label_names, ex.label_names, where)
+    if ex.task_type == "token_classification":
+        lut = map_labels(np.arange(len(task.label_names)), task.label_names, ex.label_names, where)
+        task.splits[split] = dataclasses.replace(data, tags=[lut[t] for t in data.tags])
+    return None
+
+
 def evaluate_model(model_dir: str | Path, cfg: FinetuneConfig, split: str = "test",
                    batch_size: Optional[int] = None, device: Optional[torch.device] = None) -> dict:
-    """Metrics of an exported model (merged or adapter dir) on ``split`` of the task in ``cfg``."""
+    """Metrics of an exported model (merged or adapter dir) on ``split`` of the task in ``cfg``.
+
+    Extractive QA with unanswerable questions: the validation split tunes its own no-answer
+    threshold (as the training run's validation does); other splits use the one the export was
+    chosen with (``ptft_finetune.json``), as the run's test numbers do."""
     if split not in SPLITS:
         raise FinetuneError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     device = device or _device()
-    task = load_task(cfg)  # the data's refusals first: they need no model loaded
+    task = kinds.load(cfg)  # the data's refusals first: they need no model loaded
     ex = load_exported(model_dir, device)
     if ex.task_type != cfg.task_type:
         raise FinetuneError(f"{model_dir}: a {ex.task_type} model, but finetune.task_type={cfg.task_type}")
-    data = task.splits[split]
-    labels = data.labels
-    if ex.task_type == "classification":
-        labels = map_labels(labels, task.label_names, ex.label_names, f"{model_dir}")
-    enc = encode(ex.tokenizer, data.texts, data.pairs, min(cfg.max_seq_len, ex.max_seq_len))
-    logits = predict_logits(model_forward(ex.model, device), enc, batch_size or cfg.batch_size,
-                            ex.tokenizer.pad_token_id)
-    out = task_metrics(ex.task_type, labels, logits)
-    out.update(split=split, examples=len(data), model=str(model_dir), kind=ex.kind)
+    labels = _model_labels(task, split, ex, str(model_dir))
+    enc = kinds.encode_split(ex.tokenizer, cfg, task, split, min(cfg.max_seq_len, ex.max_seq_len))
+    outputs = predict_logits(model_forward(ex.model, device), enc, batch_size or cfg.batch_size,
+                             ex.tokenizer.pad_token_id)
+    threshold = None if split == "validation" else ex.extra.get("null_threshold")
+    out = kinds.split_metrics(cfg, task, split, enc, outputs, ex.label_names, labels, threshold)
+    out.update(split=split, examples=len(task.splits[split]), model=str(model_dir), kind=ex.kind)
     notes = [w for w in task.warnings if f"the {split} split" in w]
     for note in notes:
         log.warning(note)
@@ -175,17 +188,46 @@ def _prediction_rows(ex: Exported, logits: torch.Tensor) -> Iterator[dict]:
                "probabilities": {n: float(p) for n, p in zip(ex.label_names, row)}}
 
 
+def _sequence_rows(ex: Exported, chunk: list[tuple[str, Optional[str]]], device: torch.device) -> Iterator[dict]:
+    enc = _encode_inputs(ex, chunk)
+    with torch.no_grad():
+        logits = model_forward(ex.model, device)(collate(enc, range(len(enc)), ex.tokenizer.pad_token_id)).float().cpu()
+    yield from _prediction_rows(ex, logits)
+
+
+def _token_rows(ex: Exported, chunk: list[tuple[str, Optional[str]]], device: torch.device) -> Iterator[dict]:
+    from ptft_dist.finetune.token_classification import predict_entities
+
+    texts = [t if p is None else f"{t}\t{p}" for t, p in chunk]  # a TAB is part of the text here
+    enc = ex.tokenizer(texts, truncation=True, max_length=ex.max_seq_len, return_offsets_mapping=True,
+                       return_token_type_ids=True, return_attention_mask=False)
+    feats = Encoded(enc["input_ids"], enc["token_type_ids"])
+    with torch.no_grad():
+        logits = model_forward(ex.model, device)(collate(feats, range(len(feats)), ex.tokenizer.pad_token_id))
+    logits = logits.float().cpu().numpy()
+    for i, text in enumerate(texts):
+        yield predict_entities(text, enc.word_ids(i), enc["offset_mapping"][i], logits[i, :len(feats.input_ids[i])],
+                               ex.label_names)
+
+
+def _qa_rows(ex: Exported, chunk: list[tuple[str, Optional[str]]], device: torch.device) -> Iterator[dict]:
+    from ptft_dist.finetune.qa_postprocess import predict_answers
+
+    yield from predict_answers(ex, chunk, lambda batch: model_forward(ex.model, device)(batch))
+
+
+ROWS = {"token_classification": _token_rows, "extractive_qa": _qa_rows}
+
+
 def predict(model_dir: str | Path, texts: Iterable[str | tuple[str, str]], batch_size: int = 32,
             device: Optional[torch.device] = None) -> Iterator[dict]:
     """One dict per input, in order: ``label`` and ``probabilities`` (by label name), or ``score``
-    for regression. Inputs are strings or (text, pair) tuples; streamed in batches, so a file of
-    any length runs in constant memory."""
+    for regression; ``entities`` (type, text, character offsets, score) for token classification;
+    ``answer``, offsets and ``score`` for extractive QA, whose inputs are (question, context)
+    tuples. Inputs are strings or (text, pair) tuples; streamed in batches, so a file of any length
+    runs in constant memory."""
     device = device or _device()
     ex = load_exported(model_dir, device)
-    forward = model_forward(ex.model, device)
-    pad = ex.tokenizer.pad_token_id
+    rows = ROWS.get(ex.task_type, _sequence_rows)
     for chunk in _chunks(texts, batch_size):
-        enc = _encode_inputs(ex, chunk)
-        with torch.no_grad():
-            logits = forward(collate(enc, range(len(enc)), pad)).float().cpu()
-        yield from _prediction_rows(ex, logits)
+        yield from rows(ex, chunk, device)

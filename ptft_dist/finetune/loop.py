@@ -44,8 +44,9 @@ from ptft_dist.dist.layout import DistEnv
 from ptft_dist.dist.rendezvous import device_for, init_distributed
 from ptft_dist.engine import build_engine
 from ptft_dist.engine.schedule import lr_lambda
-from ptft_dist.finetune.batches import Encoded, batches, encode, train_shard
-from ptft_dist.finetune.evaluate import is_better, model_forward, predict_logits, task_metrics
+from ptft_dist.finetune import kinds
+from ptft_dist.finetune.batches import Encoded, batches, train_shard
+from ptft_dist.finetune.evaluate import is_better, model_forward, predict_logits
 from ptft_dist.finetune.model import (
     FinetuneError,
     build_model,
@@ -59,7 +60,7 @@ from ptft_dist.finetune.model import (
 from ptft_dist.finetune.output_dir import check_output_dir
 from ptft_dist.finetune.resume import BEST, Checkpointing, Progress, identity
 from ptft_dist.finetune.settings import Plan, Settings, plan_steps, read_settings
-from ptft_dist.finetune.tasks import TaskData, load_task
+from ptft_dist.finetune.tasks import TaskData
 from ptft_dist.fsutil import remove_tree, write_json_atomic
 from ptft_dist.log import get_logger
 from ptft_dist.metrics.logger import MetricsLogger
@@ -91,13 +92,14 @@ def prepare(cfg: Config) -> Prepared:
     ft = s.ft
     model_dir = check_model_dir(ft.model)
     check_output_dir(ft, model_dir)
-    task = load_task(ft)
+    task = kinds.load(ft)
     model_config = load_config(model_dir)
     max_pos = int(getattr(model_config, "max_position_embeddings", 512))
     if ft.max_seq_len > max_pos:
         raise FinetuneError(f"finetune.max_seq_len={ft.max_seq_len} exceeds the model's max_position_embeddings={max_pos}")
     tokenizer = load_tokenizer(model_dir, model_config)
-    encoded = {name: encode(tokenizer, sp.texts, sp.pairs, ft.max_seq_len) for name, sp in task.splits.items()}
+    encoded = {name: kinds.encode_split(tokenizer, ft, task, name, ft.max_seq_len, train=name == "train")
+               for name in task.splits}
     if not len(encoded["train"]):
         raise FinetuneError(f"{ft.train_file or ft.hf_dataset}: the train split is empty")
     model = build_model(model_dir, task.label_names, ft, seed=s.seed)
@@ -147,7 +149,7 @@ class Run:
 def build_run(prep: Prepared, env: DistEnv, device: torch.device) -> Run:
     """The engine around the prepared model, and what every step needs from it."""
     s = prep.settings
-    plan = plan_steps(s, len(prep.task.splits["train"]), env.world_size)
+    plan = plan_steps(s, len(prep.encoded["train"]), env.world_size)
     params = count_parameters(prep.model)
     engine = build_engine(prep.model, plan.engine_train, plan.engine_optim,
                           lr_lambda(plan.engine_optim, plan.max_steps), env.world_size, device)
@@ -162,8 +164,10 @@ def build_run(prep: Prepared, env: DistEnv, device: torch.device) -> Run:
 
 def announce(run: Run) -> None:
     ft, task, engine, params = run.prep.settings.ft, run.prep.task, run.engine, run.params
-    labels = "regression" if ft.task_type == "regression" else f"{task.num_labels} labels"
-    run.say(f"{ft.method} fine-tuning of {run.prep.model_dir} on {len(task.splits['train'])} examples ({labels}), "
+    labels = kinds.describe(ft.task_type, task)
+    n, feats = len(task.splits["train"]), len(run.prep.encoded["train"])
+    examples = f"{n} examples" + (f" ({feats} windows)" if feats != n else "")
+    run.say(f"{ft.method} fine-tuning of {run.prep.model_dir} on {examples} ({labels}), "
             f"{params['trainable'] / 1e6:.3g}M of {params['total'] / 1e6:.3g}M parameters trained, "
             f"{run.world} rank(s), global batch {run.global_batch}, {run.plan.max_steps} steps, "
             f"lr {run.plan.engine_optim.lr:g}, backend {engine.backend} ZeRO-{engine.zero_stage} {engine.precision_name}")
@@ -186,11 +190,11 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> float:
     s, engine = run.prep.settings, run.engine
     split = run.prep.task.splits["train"]
     engine.train()
-    idx = train_shard(len(split), run.rank, run.world, s.seed, epoch - 1, run.lengths, run.global_batch)
+    idx = train_shard(len(run.prep.encoded["train"]), run.rank, run.world, s.seed, epoch - 1, run.lengths, run.global_batch)
     idx = idx[progress.epoch_micro * s.ft.batch_size:]  # a resumed epoch skips what it already trained on
     last_step = run.ckpt.last_step_of(epoch)
-    for batch in batches(run.prep.encoded["train"], idx, s.ft.batch_size, run.pad_id, split.labels,
-                         run.pad_multiple):
+    for batch in batches(run.prep.encoded["train"], idx, s.ft.batch_size, run.pad_id,
+                         kinds.train_labels(s.ft.task_type, split), run.pad_multiple):
         if s.ft.task_type == "regression":  # MSE against bf16/fp16 logits needs targets of the same dtype
             batch["labels"] = batch["labels"].to(engine.precision)
         out = engine.forward(**batch)
@@ -213,10 +217,11 @@ def validate(run: Run) -> dict:
     """Metrics of the whole validation split: every rank a shard, logits gathered."""
     engine = run.engine
     engine.eval()
-    logits = predict_logits(lambda b: engine.forward(**b).logits, run.prep.encoded["validation"],
-                            run.prep.settings.ft.batch_size, run.pad_id, run.rank, run.world, run.pad_multiple)
+    outputs = predict_logits(lambda b: kinds.head_output(engine.forward(**b)), run.prep.encoded["validation"],
+                             run.prep.settings.ft.batch_size, run.pad_id, run.rank, run.world, run.pad_multiple)
     engine.train()
-    return task_metrics(run.prep.settings.ft.task_type, run.prep.task.splits["validation"].labels, logits)
+    return kinds.split_metrics(run.prep.settings.ft, run.prep.task, "validation", run.prep.encoded["validation"],
+                               outputs)
 
 
 def end_epoch(run: Run, progress: Progress, epoch: int, train_loss: float, val: dict) -> bool:
@@ -232,7 +237,7 @@ def end_epoch(run: Run, progress: Progress, epoch: int, train_loss: float, val: 
     if improved:
         progress.best, progress.best_epoch, progress.best_validation, progress.bad_epochs = value, epoch, val, 0
         t0 = time.perf_counter()
-        export_best(run, {"epoch": epoch, ft.metric_for_best: value})
+        export_best(run, {"epoch": epoch, ft.metric_for_best: value, **_kept_for_inference(ft, val)})
         progress.timings["export_s"] += time.perf_counter() - t0
         return False
     progress.bad_epochs += 1
@@ -260,8 +265,17 @@ def fit(run: Run, progress: Progress) -> Progress:
             run.ckpt.at_boundary(run, progress)
     if progress.best_epoch is None:  # the metric was never finite: keep the last epoch, so there is a model to test
         progress.best_epoch, progress.best_validation = len(progress.history), progress.history[-1]["validation"]
-        export_best(run, {"epoch": progress.best_epoch})
+        export_best(run, {"epoch": progress.best_epoch, **_kept_for_inference(run.prep.settings.ft, progress.best_validation)})
     return progress
+
+
+def _kept_for_inference(ft: Any, val: dict) -> dict:
+    """What ``ptft predict`` / ``evaluate`` must repeat of the run: QA's windows and span search, and
+    SQuAD v2's no-answer threshold tuned on validation."""
+    if ft.task_type != "extractive_qa":
+        return {}
+    keep = {"doc_stride": ft.doc_stride, "max_answer_length": ft.max_answer_length, "n_best": ft.n_best}
+    return {**keep, "null_threshold": val["null_threshold"]} if "null_threshold" in val else keep
 
 
 def export_best(run: Run, extra: dict) -> None:
@@ -293,11 +307,13 @@ def close_engine(run: Run) -> dict:
 
 
 def evaluate_best_on_test(run: Run) -> dict:
-    """The exported ``best/`` model on the test split: the numbers describe the files users get."""
+    """The exported ``best/`` model on the test split: the numbers describe the files users get (QA:
+    with the no-answer threshold tuned on validation for that model)."""
     ex = load_exported(run.out_dir / BEST, run.device)
-    logits = predict_logits(model_forward(ex.model, run.device), run.prep.encoded["test"],
-                            run.prep.settings.ft.batch_size, run.pad_id, run.rank, run.world, run.pad_multiple)
-    return task_metrics(run.prep.settings.ft.task_type, run.prep.task.splits["test"].labels, logits)
+    outputs = predict_logits(model_forward(ex.model, run.device), run.prep.encoded["test"],
+                             run.prep.settings.ft.batch_size, run.pad_id, run.rank, run.world, run.pad_multiple)
+    return kinds.split_metrics(run.prep.settings.ft, run.prep.task, "test", run.prep.encoded["test"], outputs,
+                               null_threshold=ex.extra.get("null_threshold"))
 
 
 def results_of(run: Run, progress: Progress, test: dict, engine_info: dict) -> dict:
@@ -311,7 +327,8 @@ def results_of(run: Run, progress: Progress, test: dict, engine_info: dict) -> d
         "export": ft.export if ft.method == "lora" else "merged",
         "task": {"task_type": ft.task_type, "label_names": task.label_names,
                  "examples": {name: len(sp) for name, sp in task.splits.items()},
-                 "empty_texts_skipped": task.empty_skipped},
+                 "features": {name: len(enc) for name, enc in run.prep.encoded.items()},
+                 "empty_texts_skipped": task.empty_skipped, **task.info},
         "warnings": task.warnings,
         "validation": progress.best_validation,
         "test": test,
@@ -386,7 +403,7 @@ def _train_and_test(run: Run, progress: Progress, t_start: float) -> dict:
 
 def open_checkpoints(prep: Prepared, env: DistEnv) -> Checkpointing:
     """The run's checkpoints, with the settings a resume must share (finetune/resume.py)."""
-    s, n_train = prep.settings, len(prep.task.splits["train"])
+    s, n_train = prep.settings, len(prep.encoded["train"])
     plan = plan_steps(s, n_train, env.world_size)
     ident = identity(s, plan, n_train, env.world_size, prep.model_dir, prep.task.label_names)
     return Checkpointing(s, n_train, env.world_size, env.rank, ident)

@@ -1,6 +1,8 @@
-"""The task model: a sequence classifier on any BERT-family HF dir, full or LoRA (PEFT), and its export.
+"""The task model on any BERT-family HF dir, full or LoRA (PEFT), and its export: a sequence
+classifier (classification, regression), a token classifier or a span extractor (extractive QA).
 
-Loading is plain ``AutoModelForSequenceClassification.from_pretrained``: our own ``ptft convert``
+Loading is plain ``AutoModelFor{SequenceClassification,TokenClassification,QuestionAnswering}
+.from_pretrained`` (``HEADS``): our own ``ptft convert``
 exports (``BertForPreTraining``) and third-party encoders (``BertModel``, e.g. MiniLM) both work;
 the classifier head is new, the encoder weights must all come from the directory.
 
@@ -39,6 +41,16 @@ from ptft_dist.fsutil import remove_stale_temps, replace_dir
 META_FILE = "ptft_finetune.json"
 ADAPTER_DIR = "adapter"
 MODULES_TO_SAVE = ["classifier", "pooler"]  # BertForSequenceClassification: bert.pooler + classifier
+# Per task type: the transformers auto class, PEFT's task type and the new head's modules (trained
+# whole under LoRA, never LoRA targets). Token classifiers and QA models have no pooler.
+HEADS: dict[str, tuple[str, str, list[str]]] = {
+    "classification": ("AutoModelForSequenceClassification", "SEQ_CLS", MODULES_TO_SAVE),
+    "regression": ("AutoModelForSequenceClassification", "SEQ_CLS", MODULES_TO_SAVE),
+    "token_classification": ("AutoModelForTokenClassification", "TOKEN_CLS", ["classifier"]),
+    "extractive_qa": ("AutoModelForQuestionAnswering", "QUESTION_ANS", ["qa_outputs"]),
+}
+HEAD_PREFIXES = ("classifier.", "score.", "qa_outputs.", "bert.pooler.")
+ARCH_TASKS = {"ForTokenClassification": "token_classification", "ForQuestionAnswering": "extractive_qa"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -134,33 +146,44 @@ def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
     return out
 
 
+def _head_kwargs(task_type: str, label_names: Sequence[str]) -> dict[str, Any]:
+    if task_type == "extractive_qa":
+        return {}
+    regression = task_type == "regression"
+    names = [str(n) for n in label_names] if not regression else ["score"]
+    kwargs: dict[str, Any] = dict(num_labels=len(names), id2label=dict(enumerate(names)),
+                                  label2id={n: i for i, n in enumerate(names)})
+    if task_type != "token_classification":
+        kwargs["problem_type"] = "regression" if regression else "single_label_classification"
+    return kwargs
+
+
+def auto_class(task_type: str) -> Any:
+    import transformers
+
+    return getattr(transformers, HEADS[task_type][0])
+
+
 def build_model(model_dir: str | Path, label_names: Sequence[str], cfg: FinetuneConfig,
                 seed: Optional[int] = None) -> torch.nn.Module:
-    """Sequence classifier (regression: one output) from ``model_dir``, wrapped in LoRA when
-    ``cfg.method == "lora"``. ``seed`` fixes the new head's initialisation (same on every rank and
-    for the fresh export copy)."""
-    from transformers import AutoModelForSequenceClassification
-
+    """The task's model from ``model_dir`` (sequence classifier, regression: one output; token
+    classifier; span extractor), wrapped in LoRA when ``cfg.method == "lora"``. ``seed`` fixes the
+    new head's initialisation (same on every rank and for the fresh export copy)."""
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir)
     if getattr(config, "model_type", None) not in ("bert",):
         raise FinetuneError(f"{model_dir}: model_type {getattr(config, 'model_type', None)!r} is not a BERT-family "
                             f"encoder (model_type 'bert')")
-    regression = cfg.task_type == "regression"
-    names = [str(n) for n in label_names] if not regression else ["score"]
-    kwargs: dict[str, Any] = dict(num_labels=len(names),
-                                  problem_type="regression" if regression else "single_label_classification",
-                                  id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    kwargs = _head_kwargs(cfg.task_type, label_names)
     if seed is not None:
         torch.manual_seed(seed)
     try:
         with _quiet_transformers():
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), output_loading_info=True, **kwargs)
+            model, info = auto_class(cfg.task_type).from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
     except Exception as exc:
-        raise FinetuneError(f"{model_dir}: cannot load as a sequence classifier ({type(exc).__name__}: {exc})") from None
+        raise FinetuneError(f"{model_dir}: cannot load as a {cfg.task_type} model ({type(exc).__name__}: {exc})") from None
     model.float()  # fp32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto")
-    encoder_missing = [k for k in info.get("missing_keys", []) if not k.startswith(("classifier.", "bert.pooler."))]
+    encoder_missing = [k for k in info.get("missing_keys", []) if not k.startswith(HEAD_PREFIXES)]
     if encoder_missing:
         raise FinetuneError(f"{model_dir}: encoder weights missing from the checkpoint: {sorted(encoder_missing)[:5]} "
                             f"(is it a BERT encoder export?)")
@@ -172,9 +195,10 @@ def build_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetune
 def wrap_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    lcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+    _, peft_task, head = HEADS[cfg.task_type]
+    lcfg = LoraConfig(task_type=getattr(TaskType, peft_task), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=lora_targets(model, cfg.lora_target_modules),
-                      modules_to_save=list(MODULES_TO_SAVE))
+                      modules_to_save=list(head))
     with _quiet_transformers():
         return get_peft_model(model, lcfg)
 
@@ -275,8 +299,7 @@ def export_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetun
         for name, value in trained.items():
             params[name].copy_(value)
     model.eval()
-    regression = cfg.task_type == "regression"
-    names_out = [str(n) for n in label_names] if not regression else ["score"]
+    names_out = {"regression": ["score"], "extractive_qa": []}.get(cfg.task_type, [str(n) for n in label_names])
     meta = dict(method=cfg.method, task_type=cfg.task_type, label_names=names_out, max_seq_len=cfg.max_seq_len,
                 base_model=str(model_dir), extra=dict(extra or {}))
     try:
@@ -308,7 +331,7 @@ def require_trained_head(path: Path, missing_keys: Sequence[str]) -> None:
     """A directory without ``ptft_finetune.json`` is used for inference only if its weights hold the
     classification head: a pretrained encoder (a ``ptft convert`` export, MiniLM) would get a freshly
     drawn random head, and so random labels that change from run to run (docs/design.md, guarantee 9)."""
-    head = sorted(k for k in missing_keys if k.startswith(("classifier.", "score.")))
+    head = sorted(k for k in missing_keys if k.startswith(("classifier.", "score.", "qa_outputs.")))
     if head:
         what = "a `ptft convert` export" if (path / "ptft_export.json").is_file() else "a pretrained encoder"
         raise FinetuneError(f"{path}: no trained classification head ({what}: {', '.join(head)} not in its weights, "
@@ -324,12 +347,12 @@ class Exported:
     task_type: str
     max_seq_len: int
     kind: str  # merged | adapter
+    extra: dict = field(default_factory=dict)  # ptft_finetune.json's extra: best epoch, QA no-answer threshold
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Exported:
-    """An export directory (merged, adapter, or a plain HF classifier dir) ready for inference."""
-    from transformers import AutoModelForSequenceClassification
-
+    """An export directory (merged, adapter, or a plain HF classifier / token classifier / QA dir)
+    ready for inference."""
     p = Path(path)
     if not p.is_dir():
         raise FinetuneError(f"--model: {p}: no such model directory")
@@ -353,19 +376,31 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
         config = base_model.config
     else:
         check_model_dir(p, what="--model")
+        head_task = meta.task_type if meta else _architecture_task(p)
         try:
             with _quiet_transformers():
-                model, info = AutoModelForSequenceClassification.from_pretrained(str(p), output_loading_info=True)
+                model, info = auto_class(head_task).from_pretrained(str(p), output_loading_info=True)
             model = model.float()
         except Exception as exc:
-            raise FinetuneError(f"{p}: cannot load as a sequence classifier ({type(exc).__name__}: {exc})") from None
+            raise FinetuneError(f"{p}: cannot load as a {head_task} model ({type(exc).__name__}: {exc})") from None
         if meta is None:
             require_trained_head(p, info.get("missing_keys", []))
         kind = "merged"
         config = model.config
-    task_type = meta.task_type if meta else ("regression" if config.problem_type == "regression" else "classification")
-    labels = meta.label_names if meta else [str(config.id2label[i]) for i in range(config.num_labels)]
+    task_type = meta.task_type if meta else _architecture_task(p, config)
+    labels = meta.label_names if meta else ([] if task_type == "extractive_qa" else
+                                            [str(config.id2label[i]) for i in range(config.num_labels)])
     max_len = meta.max_seq_len if meta else int(getattr(config, "max_position_embeddings", 512))
     tokenizer = load_tokenizer(p, config)
     model.to(device).eval()
-    return Exported(model, tokenizer, labels, task_type, max_len, kind)
+    return Exported(model, tokenizer, labels, task_type, max_len, kind, dict(meta.extra) if meta else {})
+
+
+def _architecture_task(p: Path, config: Any = None) -> str:
+    """The task of a plain HF directory (no ``ptft_finetune.json``), from its ``architectures``."""
+    config = config or load_config(p)
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, task in ARCH_TASKS.items():
+            if arch.endswith(suffix):
+                return task
+    return "regression" if getattr(config, "problem_type", None) == "regression" else "classification"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ptft_dist.config import CheckpointConfig, Config, FinetuneConfig, OptimConfig, TrainConfig
 from ptft_dist.config_rules import FINETUNE_NOT_USED, unused_key_problems
 from ptft_dist.finetune.evaluate import check_metric
+from ptft_dist.finetune.kinds import default_metric
 from ptft_dist.finetune.model import FinetuneError
 
 # The train.* / optim.* / checkpoint.* keys a fine-tuning run does not read, and what to set instead.
@@ -60,6 +61,9 @@ def check_settings(cfg: Config) -> None:
     if not effective_lr(ft) > 0:
         raise FinetuneError(f"finetune.lr must be > 0, got {effective_lr(ft)}")
     check_metric(ft.task_type, ft.metric_for_best)
+    if ft.task_type == "extractive_qa" and ft.doc_stride >= ft.max_seq_len - 3:
+        raise FinetuneError(f"finetune.doc_stride={ft.doc_stride} must be below finetune.max_seq_len - 3 "
+                            f"({ft.max_seq_len - 3}): consecutive windows of a context must advance")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ def read_settings(cfg: Config) -> Settings:
     """The run's settings, checked (raises a UserError naming the key)."""
     check_settings(cfg)
     ft = cfg.finetune
+    if not ft.metric_for_best:
+        ft = dataclasses.replace(ft, metric_for_best=default_metric(ft.task_type))
     return Settings(ft=ft, lr=effective_lr(ft), seed=cfg.train.seed, log_every=max(cfg.train.log_every, 1),
                     grad_accum=cfg.train.grad_accum, engine_train=cfg.train, engine_optim=cfg.optim,
                     checkpoint=dataclasses.replace(cfg.checkpoint, every=ft.checkpoint_every, resume=ft.resume))

@@ -36,6 +36,7 @@ class TaskData:
     label_names: list[str] = field(default_factory=list)  # id -> original label (classification)
     empty_skipped: dict[str, int] = field(default_factory=dict)  # split -> examples dropped for an empty text
     warnings: list[str] = field(default_factory=list)  # splits whose metrics mean little (one class)
+    info: dict = field(default_factory=dict)  # what the task's reader decided (tag scheme, no-answer examples, ...)
 
     @property
     def num_labels(self) -> int:
@@ -89,10 +90,20 @@ def _columns(table: dict[str, list], where: str, cfg: FinetuneConfig) -> tuple[l
     for col in needed:
         if col not in table:
             raise InputError(f"{where}: no column '{col}' (columns: {', '.join(table)}); "
-                             f"set finetune.text_column / text_pair_column / label_column")
+                             f"set finetune.text_column / text_pair_column / label_column{_task_hint(table)}")
     texts = [str(t) if t is not None else "" for t in table[cfg.text_column]]
     pairs = [str(t) if t is not None else "" for t in table[cfg.text_pair_column]] if cfg.text_pair_column else None
     return texts, pairs, table[cfg.label_column]
+
+
+def _task_hint(table: dict) -> str:
+    """A file of another task type's shape: say so (a task_type/data mismatch is the likely cause)."""
+    cols = set(table)
+    if {"tokens", "tags"} <= cols or {"tokens", "ner_tags"} <= cols:
+        return "; the file looks like token classification data: set finetune.task_type=token_classification"
+    if {"context", "question"} <= cols or "data" in cols:
+        return "; the file looks like extractive QA data: set finetune.task_type=extractive_qa"
+    return ""
 
 
 def _hash_split(texts: list[str], seed: int) -> np.ndarray:
