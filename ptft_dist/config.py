@@ -219,6 +219,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.06  # linear warmup over this share of the optimizer steps, then linear decay
     batch_size: int = 32
     group_by_length: bool = True  # batch train examples of similar length (less padding; order stays seeded)
+    unpad: bool = True  # train on packed real tokens (pads skipped, attention within each example); BERT on sdpa
     metric_for_best: str = "accuracy"
     early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
     output_dir: str = "runs/finetune"

@@ -57,6 +57,7 @@ from ptft_dist.finetune.model import (
     trainable_state_dict,
 )
 from ptft_dist.finetune.output_dir import check_output_dir
+from ptft_dist.finetune.packing import enable_packing
 from ptft_dist.finetune.resume import BEST, Checkpointing, Progress, identity
 from ptft_dist.finetune.settings import Plan, Settings, plan_steps, read_settings
 from ptft_dist.finetune.tasks import TaskData, load_task
@@ -101,6 +102,8 @@ def prepare(cfg: Config) -> Prepared:
     if not len(encoded["train"]):
         raise FinetuneError(f"{ft.train_file or ft.hf_dataset}: the train split is empty")
     model = build_model(model_dir, task.label_names, ft, seed=s.seed)
+    if ft.unpad:
+        enable_packing(model)  # the training module only; exports are built fresh (finetune/packing.py)
     return Prepared(s, task, encoded, tokenizer, model, model_dir)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining
 
 from ptft_dist.config import ConfigError, ModelConfig
+from ptft_dist.pretrain import attention
 from ptft_dist.stream.loader import MODEL_INPUTS
 from ptft_dist.stream.masking import IGNORE_INDEX
 
@@ -44,8 +45,8 @@ PRESETS: dict[str, dict[str, int]] = {
 
 # Attention functions (names registered with transformers' AttentionInterface) that honour the
 # ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs of a packed (1, total_tokens) batch. The flash
-# family is recognised by transformers' own check; add a custom varlen kernel's name here.
-VARLEN_ATTENTION_IMPLEMENTATIONS: set[str] = set()
+# family is recognised by transformers' own check; ptft's own (torch kernels) is pretrain/attention.py.
+VARLEN_ATTENTION_IMPLEMENTATIONS: set[str] = {attention.NAME}
 
 
 # --------------------------------------------------------------------------- config
@@ -100,6 +101,12 @@ def _check_attn_implementation(impl: str) -> None:
         raise ConfigError(f"model.attn_implementation: {impl!r} is not one of {sorted(known)} (or a hub kernel)")
 
 
+def packing_implementation(impl: str | None, unpad: bool) -> str | None:
+    """The attention a model with ``model.attn_implementation=impl`` runs: with ``unpad``, ``sdpa`` (the
+    default) becomes ``ptft_varlen``, which is sdpa on padded batches and packs on every device."""
+    return attention.NAME if unpad and impl in (None, "sdpa") else impl
+
+
 def attn_supports_packing(impl: str | None) -> bool:
     """Whether the attention implementation runs packed variable-length sequences (cu_seqlens)."""
     if not impl:
@@ -137,15 +144,17 @@ class BertPretrainer(nn.Module):
 
     ``unpad`` -- what is and is not skipped:
 
-    * If the attention implementation has a variable-length kernel (``flash_attention_2/3/4``,
-      a hub flash kernel, or a name in ``VARLEN_ATTENTION_IMPLEMENTATIONS``), the micro-batch is
+    * If the attention implementation has a variable-length kernel (``sdpa``, which becomes
+      ``ptft_varlen`` -- torch's varlen_attn on CUDA, per-sample SDPA on CPU, see
+      pretrain/attention.py --, ``flash_attention_2/3/4``, a hub flash kernel, or a name in
+      ``VARLEN_ATTENTION_IMPLEMENTATIONS``), the micro-batch is
       **packed**: the real tokens of all samples are concatenated into one (1, T) sequence with
       per-sample position ids and ``cu_seqlens``, and the whole encoder (embeddings, every linear
       layer, attention) runs on real tokens only; attention stays within each sample.
       ``self.packed`` is then True. Requires right padding (each row's tokens are a prefix), which
       is what the data stream produces; pass its ``cu_seqlens``/``indices``/``max_seqlen`` to avoid
       recomputing them (recomputing costs two host syncs).
-    * Otherwise (``sdpa``, ``eager``, ``flex_attention``; all CPU runs) nothing is packed:
+    * Otherwise (``eager``, ``flex_attention``) nothing is packed:
       transformers' BERT has no varlen path for them. The encoder processes every position of the
       micro-batch, pad positions included; what limits that waste is the data stream, which pads
       each micro-batch only to its longest sample. Pads are still masked out of attention, never
@@ -168,6 +177,9 @@ class BertPretrainer(nn.Module):
         self.config: BertConfig = hf_model.config
         self.nsp = nsp
         self.sparse_mlm_head = sparse_mlm_head
+        impl = packing_implementation(self.config._attn_implementation, bool(unpad))
+        if impl != self.config._attn_implementation:
+            hf_model.set_attn_implementation(impl)  # sdpa -> ptft_varlen: same math, packed batches too
         self.packed = bool(unpad) and attn_supports_packing(self.config._attn_implementation)
         if not nsp:
             # MLM only: pooler and NSP head stay in the module (the export keeps its shape) but are
