@@ -15,7 +15,6 @@ the model directory as plain ``BertForSequenceClassification`` (docs/design.md, 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from ptft_dist.log import get_logger
 from ptft_dist.pretrain import attention
 
-log = logging.getLogger(__name__)
+log = get_logger("finetune")
 
 
 class PackedBertForSequenceClassification(BertForSequenceClassification):

@@ -29,12 +29,12 @@ Exports stay plain HF: ``save_pretrained`` writes no attention implementation to
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from ptft_dist.log import get_logger
+
+log = get_logger("attention")
 
 NAME = "ptft_varlen"
 KERNELS = ("varlen", "pad_around", "per_sample")
@@ -88,6 +88,7 @@ def pad_around(q, k, v, cu_q, max_q: int, scaling, dropout: float) -> torch.Tens
     return out.transpose(1, 2).reshape(n * max_q, heads, dim).index_select(0, rows)
 
 
+@torch.compiler.disable  # lengths from .tolist() would specialise a compiled graph per batch (a recompile each)
 def per_sample(q, k, v, cu_q, scaling, dropout: float) -> torch.Tensor:
     """One SDPA call per sample on (H, l, D) views; ``split``'s backward is one cat (slices' are not)."""
     lens = (cu_q[1:] - cu_q[:-1]).tolist()  # cu_q lives on the CPU here: no device sync
