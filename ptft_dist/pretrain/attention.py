@@ -60,7 +60,7 @@ def _announce(kernel: str, dtype: torch.dtype, dropout: float) -> None:
         "pad_around": f"SDPA around each sample (varlen_attn has {'no dropout' if dropout else 'no ' + str(dtype)})",
         "per_sample": "one SDPA call per sample (CPU)",
     }[kernel]
-    log.info("attention %s: packed batches run %s", NAME, why)
+    log.info("%s: packed batches run %s", NAME, why)
 
 
 def varlen_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling):
