@@ -47,6 +47,9 @@ PRESETS: dict[str, dict[str, int]] = {
 # ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs of a packed (1, total_tokens) batch. The flash
 # family is recognised by transformers' own check; ptft's own (torch kernels) is pretrain/attention.py.
 VARLEN_ATTENTION_IMPLEMENTATIONS: set[str] = {attention.NAME}
+# CPU packing runs one SDPA call per sample: below this pad share the work it saves is smaller than
+# that loop's cost, so such micro-batches run padded (same result; docs/performance.md).
+CPU_MIN_PAD_SHARE = 0.10
 
 
 # --------------------------------------------------------------------------- config
@@ -225,7 +228,7 @@ class BertPretrainer(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.packed:
+        if self.packed and _worth_packing(input_ids, attention_mask, indices):
             hidden, flat_labels, pooled = self._encode_packed(
                 input_ids, token_type_ids, attention_mask, labels, position_ids, cu_seqlens, indices, max_seqlen
             )
@@ -307,6 +310,14 @@ class BertPretrainer(nn.Module):
         first = cu_seqlens[:-1].long()  # each sample's [CLS] row
         pooled = self.bert.pooler(hidden.index_select(0, first)[:, None]) if self.nsp else None
         return hidden, labels.reshape(-1).index_select(0, indices), pooled
+
+
+def _worth_packing(input_ids: torch.Tensor, attention_mask: torch.Tensor, indices: torch.Tensor | None) -> bool:
+    """Always on GPUs; on CPU only when pads are at least ``CPU_MIN_PAD_SHARE`` of the micro-batch."""
+    if input_ids.device.type != "cpu":
+        return True
+    real = indices.numel() if indices is not None else int(attention_mask.sum())
+    return 1.0 - real / max(input_ids.numel(), 1) >= CPU_MIN_PAD_SHARE
 
 
 def _ce_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -227,6 +227,24 @@ def test_packed_encoder_equals_padded(monkeypatch, kernel):
     torch.testing.assert_close(again.loss, out.loss)
 
 
+def test_cpu_packs_only_batches_with_enough_padding(monkeypatch):
+    """Below CPU_MIN_PAD_SHARE a CPU micro-batch runs padded (same loss); above it, packed."""
+    from ptft_dist.pretrain import attention
+
+    calls = []
+    real = attention.per_sample
+    monkeypatch.setattr(attention, "per_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(3)
+    model = M.BertPretrainer.from_config(small_config()).eval()
+    b = make_batch(3)  # 46 % padding
+    full = {k: v[:1] for k, v in b.items()}  # one full-length row: no padding
+    ref = M.BertPretrainer(copy.deepcopy(model.hf_model), unpad=False).eval()
+    torch.testing.assert_close(model(**full).loss, ref(**full).loss)
+    assert calls == []
+    torch.testing.assert_close(model(**b).loss, ref(**b).loss, atol=1e-5, rtol=0)
+    assert len(calls) == small_config().num_hidden_layers
+
+
 # --------------------------------------------------------------------------- accounting
 
 
