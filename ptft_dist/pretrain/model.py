@@ -18,6 +18,7 @@ custom code. Only ``forward`` differs:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,9 @@ PRESETS: dict[str, dict[str, int]] = {
 # family is recognised by transformers' own check; ptft's own (torch kernels) is pretrain/attention.py.
 VARLEN_ATTENTION_IMPLEMENTATIONS: set[str] = {attention.NAME}
 # CPU packing runs one SDPA call per sample: below this pad share the work it saves is smaller than
-# that loop's cost, so such micro-batches run padded (same result; docs/performance.md).
-CPU_MIN_PAD_SHARE = 0.10
+# that loop's cost, so such micro-batches run padded (same result; docs/performance.md). The
+# environment variable exists for benchmarks and the GPU benchmark's CPU smoke mode (0 = always pack).
+CPU_MIN_PAD_SHARE = float(os.environ.get("PTFT_CPU_MIN_PAD_SHARE", "0.10"))
 
 
 # --------------------------------------------------------------------------- config
