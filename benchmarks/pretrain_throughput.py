@@ -41,8 +41,11 @@ Prints one JSON object; ``ratio`` = ptft tokens/s over HF tokens/s (target >= 1.
 
     python benchmarks/pretrain_throughput.py [--preset mini] [--steps 9] [--warmup-steps 3] [--out r.json]
     python benchmarks/pretrain_throughput.py --smoke             # tiny model, a few steps (~2 min)
-    python benchmarks/pretrain_throughput.py --gpu               # BERT-base, bf16, ZeRO-2, one GPU
-    python benchmarks/pretrain_throughput.py --gpu --smoke-cpu   # the --gpu logic, tiny model, on CPU
+    python benchmarks/pretrain_throughput.py --gpu               # the GPU matrix (benchmarks/gpu_matrix.py):
+                                                                 # BERT-base s128 + BERT-large s512, bf16, ZeRO-2,
+                                                                 # padded/packed x eager/compiled, next to HF Trainer
+    python benchmarks/pretrain_throughput.py --gpu --smoke-cpu   # every branch of it, tiny shapes, on CPU
+    python benchmarks/pretrain_throughput.py --gpu --single      # one BERT-base run (no matrix)
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu_matrix
 from _common import (
     PY,
     BenchError,
@@ -345,7 +349,10 @@ def run_ptft(setup: Setup, corpus: Path, work: Path, peak_tflops: float, timeout
     if a is None or b is None:
         raise BenchError(f"ptft: metrics.jsonl lacks step {setup.warmup_steps} or {setup.total_steps}\n"
                          + res["output"][-3000:])
-    w = _window(a["time"], b["time"], b["consumed_tokens"] - a["consumed_tokens"], sampler)
+    compiling = b.get("compile_s", 0.0) - a.get("compile_s", 0.0)  # model.compile: recompiles stay out of the rate
+    w = _window(a["time"] + compiling, b["time"], b["consumed_tokens"] - a["consumed_tokens"], sampler)
+    if "compile_s" in b:
+        w["compile_s"] = round(b["compile_s"], 1)
     later = [r for s, r in sorted(recs.items()) if s > setup.warmup_steps]
     span = sum(r["step_time_s"] for r in later)
     w["tokens_per_s_engine"] = sum(r["tokens_per_s"] * r["step_time_s"] for r in later) / max(span, 1e-9)
@@ -552,6 +559,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--timeout", type=float, default=1800, help="per subprocess, seconds")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--keep", default=None, help="keep the work dir (runs, logs) here")
+    ap.add_argument("--single", action="store_true", help="with --gpu: one ptft run (no matrix), as before")
+    ap.add_argument("--matrix", action="store_true", help="CPU: the --gpu matrix's variants on mini/base shapes")
+    gpu_matrix.add_arguments(ap)
     ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.hf_worker:
@@ -568,6 +578,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
                   "use --gpu --smoke-cpu to dry-run this path on CPU", file=sys.stderr)
             raise SystemExit(2)
+    if (args.gpu and not args.single) or args.matrix:  # the matrix: shapes x padded/packed x eager/compiled, next to HF
+        return gpu_matrix.main(sys.modules[__name__], args)
     load_before = load_average()
     t_all = time.time()
     with tempfile.TemporaryDirectory(prefix="ptft-tput-") as tmp:

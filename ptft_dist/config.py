@@ -145,6 +145,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     sparse_mlm_head: bool = True  # run the MLM decoder on masked positions only
     unpad: bool = True  # pack samples and skip pad tokens when the batch allows it
+    compile: bool = False  # torch.compile the model (DeepSpeed engine.compile()); compile time logged as compile_s
     init_from: Optional[str] = None  # start from an HF model directory instead of random weights
 
 
@@ -234,6 +235,8 @@ class FinetuneConfig:
     warmup_ratio: float = 0.06  # linear warmup over this share of the optimizer steps, then linear decay
     batch_size: int = 32
     group_by_length: bool = True  # batch train examples of similar length (less padding; order stays seeded)
+    unpad: bool = True  # train on packed real tokens (pads skipped, attention within each example); BERT on sdpa
+    compile: bool = False  # torch.compile the model (DeepSpeed engine.compile()); no speed-up measured on CPU
     metric_for_best: str = ""  # "" = the task's own: accuracy, pearson, f1 (entity), f1 (SQuAD)
     early_stopping_patience: int = 0  # epochs without improvement before stopping (0 = off)
     output_dir: str = "runs/finetune"

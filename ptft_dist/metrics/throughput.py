@@ -67,6 +67,10 @@ class Throughput:
         finally:
             self.end_wait()
 
+    def exclude(self, seconds: float) -> None:
+        """Keep ``seconds`` of this window out of the rates (time spent compiling, reported apart)."""
+        self._window_start += seconds
+
     def end_step(self, tokens: int, samples: int, flops: float | None = None) -> float:
         """Close one step; ``flops`` overrides ``tokens × flops_per_token``. Returns the step's time."""
         now = self._clock()

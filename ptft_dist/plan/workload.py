@@ -91,7 +91,7 @@ def _count_parameters(bert: Any, nsp: bool) -> tuple[int, int]:
 
 def build_workload(cfg: Config, accel: str) -> Workload:
     """The workload of ``cfg`` as ``ptft pretrain`` would run it on ``accel`` ranks."""
-    from ptft_dist.pretrain.model import attn_supports_packing, flops_per_token, planned_config
+    from ptft_dist.pretrain.model import attn_supports_packing, flops_per_token, packing_implementation, planned_config
 
     vocab, vocab_source = _vocab(cfg)
     pad = 0
@@ -99,7 +99,8 @@ def build_workload(cfg: Config, accel: str) -> Workload:
     total, trainable = _count_parameters(bert, cfg.data.nsp)
     seq = int(cfg.data.max_seq_len)
     impl = cfg.model.attn_implementation or "sdpa"
-    packed = bool(cfg.model.unpad) and attn_supports_packing(impl) and accel != "cpu"
+    # CPU packs too (per-sample SDPA), but keeps each sample's l x l matrix: planned as padded there.
+    packed = bool(cfg.model.unpad) and attn_supports_packing(packing_implementation(impl, True)) and accel != "cpu"
     mlm = float(cfg.data.mlm_probability)
     return Workload(
         hidden=bert.hidden_size, layers=bert.num_hidden_layers, heads=bert.num_attention_heads,

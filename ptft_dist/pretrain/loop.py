@@ -43,6 +43,7 @@ from ptft_dist.dist.collectives import agree_on_error, all_sum
 from ptft_dist.dist.discover import discover
 from ptft_dist.dist.rendezvous import device_for, init_distributed
 from ptft_dist.engine import build_engine, model_build_context
+from ptft_dist.engine.compile import compile_engine, compile_seconds
 from ptft_dist.engine.schedule import lr_lambda
 from ptft_dist.errors import UserError
 from ptft_dist.log import get_logger
@@ -149,6 +150,8 @@ class Trainer:
         self.model = self._build_model()
         self.engine = build_engine(self.model, cfg.train, cfg.optim, lr_lambda(cfg.optim, cfg.train.max_steps),
                                    self.env.world_size, self.device)
+        self.compiled = bool(cfg.model.compile) and bool(compile_engine(self.engine))
+        self.compile_s = 0.0  # seconds spent compiling (model.compile), kept out of step time
         self.train_loader, self.val_loader = self._build_loaders()
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.env.rank, self.env.world_size)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
@@ -278,6 +281,7 @@ class Trainer:
         tokens = samples = 0
         flops = 0.0
         step_ids: list[int] = []
+        compiling_since = compile_seconds() if self.compiled else 0.0
         for _ in range(self.cfg.train.grad_accum):
             with self.throughput.waiting():
                 batch = next(batches)
@@ -292,6 +296,10 @@ class Trainer:
             self.window.add(out)
         self.state.step += 1
         self.state.pending_tokens += tokens
+        if self.compiled:
+            spent = compile_seconds() - compiling_since
+            self.compile_s += spent
+            self.throughput.exclude(spent)
         self.throughput.end_step(tokens, samples, flops=flops)
         if self.sample_ids:
             self.sample_ids.write(self.state.step, step_ids)
@@ -307,6 +315,8 @@ class Trainer:
                  consumed_samples=self.train_loader.state_dict()["consumed"],
                  consumed_tokens=self.state.consumed_tokens, epoch=self.train_loader.epoch,
                  **memory_stats(self.device))
+        if self.compiled:
+            m["compile_s"] = self.compile_s
         self.metrics.log(step, m)
         if self.is_main:
             log.info(format_progress(step, self.cfg.train.max_steps, m["loss"], m["lr"], m["tokens_per_s"], m["mfu"],

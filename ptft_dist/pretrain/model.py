@@ -18,6 +18,7 @@ custom code. Only ``forward`` differs:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining
 
 from ptft_dist.config import ConfigError, ModelConfig
+from ptft_dist.pretrain import attention
 from ptft_dist.stream.loader import MODEL_INPUTS
 from ptft_dist.stream.masking import IGNORE_INDEX
 
@@ -44,8 +46,12 @@ PRESETS: dict[str, dict[str, int]] = {
 
 # Attention functions (names registered with transformers' AttentionInterface) that honour the
 # ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs of a packed (1, total_tokens) batch. The flash
-# family is recognised by transformers' own check; add a custom varlen kernel's name here.
-VARLEN_ATTENTION_IMPLEMENTATIONS: set[str] = set()
+# family is recognised by transformers' own check; ptft's own (torch kernels) is pretrain/attention.py.
+VARLEN_ATTENTION_IMPLEMENTATIONS: set[str] = {attention.NAME}
+# CPU packing runs one SDPA call per sample: below this pad share the work it saves is smaller than
+# that loop's cost, so such micro-batches run padded (same result; docs/performance.md). The
+# environment variable exists for benchmarks and the GPU benchmark's CPU smoke mode (0 = always pack).
+CPU_MIN_PAD_SHARE = float(os.environ.get("PTFT_CPU_MIN_PAD_SHARE", "0.10"))
 
 
 # --------------------------------------------------------------------------- config
@@ -100,6 +106,12 @@ def _check_attn_implementation(impl: str) -> None:
         raise ConfigError(f"model.attn_implementation: {impl!r} is not one of {sorted(known)} (or a hub kernel)")
 
 
+def packing_implementation(impl: str | None, unpad: bool) -> str | None:
+    """The attention a model with ``model.attn_implementation=impl`` runs: with ``unpad``, ``sdpa`` (the
+    default) becomes ``ptft_varlen``, which is sdpa on padded batches and packs on every device."""
+    return attention.NAME if unpad and impl in (None, "sdpa") else impl
+
+
 def attn_supports_packing(impl: str | None) -> bool:
     """Whether the attention implementation runs packed variable-length sequences (cu_seqlens)."""
     if not impl:
@@ -137,15 +149,17 @@ class BertPretrainer(nn.Module):
 
     ``unpad`` -- what is and is not skipped:
 
-    * If the attention implementation has a variable-length kernel (``flash_attention_2/3/4``,
-      a hub flash kernel, or a name in ``VARLEN_ATTENTION_IMPLEMENTATIONS``), the micro-batch is
+    * If the attention implementation has a variable-length kernel (``sdpa``, which becomes
+      ``ptft_varlen`` -- torch's varlen_attn on CUDA, per-sample SDPA on CPU, see
+      pretrain/attention.py --, ``flash_attention_2/3/4``, a hub flash kernel, or a name in
+      ``VARLEN_ATTENTION_IMPLEMENTATIONS``), the micro-batch is
       **packed**: the real tokens of all samples are concatenated into one (1, T) sequence with
       per-sample position ids and ``cu_seqlens``, and the whole encoder (embeddings, every linear
       layer, attention) runs on real tokens only; attention stays within each sample.
       ``self.packed`` is then True. Requires right padding (each row's tokens are a prefix), which
       is what the data stream produces; pass its ``cu_seqlens``/``indices``/``max_seqlen`` to avoid
       recomputing them (recomputing costs two host syncs).
-    * Otherwise (``sdpa``, ``eager``, ``flex_attention``; all CPU runs) nothing is packed:
+    * Otherwise (``eager``, ``flex_attention``) nothing is packed:
       transformers' BERT has no varlen path for them. The encoder processes every position of the
       micro-batch, pad positions included; what limits that waste is the data stream, which pads
       each micro-batch only to its longest sample. Pads are still masked out of attention, never
@@ -168,6 +182,9 @@ class BertPretrainer(nn.Module):
         self.config: BertConfig = hf_model.config
         self.nsp = nsp
         self.sparse_mlm_head = sparse_mlm_head
+        impl = packing_implementation(self.config._attn_implementation, bool(unpad))
+        if impl != self.config._attn_implementation:
+            hf_model.set_attn_implementation(impl)  # sdpa -> ptft_varlen: same math, packed batches too
         self.packed = bool(unpad) and attn_supports_packing(self.config._attn_implementation)
         if not nsp:
             # MLM only: pooler and NSP head stay in the module (the export keeps its shape) but are
@@ -213,7 +230,7 @@ class BertPretrainer(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.packed:
+        if self.packed and _worth_packing(input_ids, attention_mask, indices):
             hidden, flat_labels, pooled = self._encode_packed(
                 input_ids, token_type_ids, attention_mask, labels, position_ids, cu_seqlens, indices, max_seqlen
             )
@@ -295,6 +312,14 @@ class BertPretrainer(nn.Module):
         first = cu_seqlens[:-1].long()  # each sample's [CLS] row
         pooled = self.bert.pooler(hidden.index_select(0, first)[:, None]) if self.nsp else None
         return hidden, labels.reshape(-1).index_select(0, indices), pooled
+
+
+def _worth_packing(input_ids: torch.Tensor, attention_mask: torch.Tensor, indices: torch.Tensor | None) -> bool:
+    """Always on GPUs; on CPU only when pads are at least ``CPU_MIN_PAD_SHARE`` of the micro-batch."""
+    if input_ids.device.type != "cpu":
+        return True
+    real = indices.numel() if indices is not None else int(attention_mask.sum())
+    return 1.0 - real / max(input_ids.numel(), 1) >= CPU_MIN_PAD_SHARE
 
 
 def _ce_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -42,6 +42,18 @@ def test_throughput_rates_wait_share_and_mfu():
     assert "mfu" not in MX.Throughput(clock=clock).summary()
 
 
+def test_compile_time_is_kept_out_of_the_rates():
+    clock = FakeClock()
+    tp = MX.Throughput(flops_per_token=1e6, peak_flops=1e10, clock=clock)
+    clock.t += 30.5  # the first step: 30 s of compiling, then 0.5 s of work
+    tp.exclude(30.0)
+    tp.end_step(tokens=1000, samples=8)
+    clock.t += 0.5
+    tp.end_step(tokens=1000, samples=8)
+    s = tp.summary()
+    assert s["step_time_s"] == pytest.approx(0.5) and s["tokens_per_s"] == pytest.approx(2000.0)
+
+
 def test_device_peak_flops():
     assert MX.device_peak_flops(torch.device("cpu"), torch.float32, 12.5) == (12.5e12, "config")
     value, source = MX.device_peak_flops(torch.device("cpu"), torch.float32, None)

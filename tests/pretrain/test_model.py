@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AttentionInterface, BertForPreTraining
+from transformers import BertForPreTraining
 
 from ptft_dist.config import ModelConfig
 from ptft_dist.metrics.parameters import count_parameters
@@ -186,30 +186,24 @@ def test_nothing_predicted_gives_zero_loss_not_nan():
 # --------------------------------------------------------------------------- unpadding
 
 
-def _reference_varlen_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None, **kwargs
-):
-    """Test stand-in for a flash varlen kernel: block-diagonal attention over the packed sequence."""
-    assert attention_mask is None and query.shape[0] == 1 and cu_seq_lens_q is not None
-    segment = torch.searchsorted(cu_seq_lens_q[1:].long(), torch.arange(query.shape[2]), right=True)
-    mask = (segment[:, None] == segment[None, :])[None, None]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+@pytest.mark.parametrize("kernel", ["auto", "pad_around"])
+def test_packed_encoder_equals_padded(monkeypatch, kernel):
+    """The real ptft_varlen kernels (CPU: per-sample SDPA; pad-around, which CUDA uses under dropout):
+    packed and padded give the same losses, counts and gradients (dropout off)."""
+    from ptft_dist.pretrain import attention
 
-
-def test_packed_encoder_equals_padded(monkeypatch):
-    AttentionInterface.register("ptft_test_varlen", _reference_varlen_attention)
-    monkeypatch.setattr(M, "VARLEN_ATTENTION_IMPLEMENTATIONS", {"ptft_test_varlen"})
-    assert not M.BertPretrainer.from_config(small_config()).packed  # sdpa: honest no-op
+    if kernel != "auto":
+        monkeypatch.setattr(attention, "choose_kernel", lambda *a: kernel)
+    assert M.BertPretrainer.from_config(small_config()).packed  # sdpa + unpad (the defaults) packs
+    assert not M.BertPretrainer.from_config(small_config(), unpad=False).packed
+    assert not M.BertPretrainer.from_config(small_config(attn_implementation="eager")).packed
 
     torch.manual_seed(2)
     padded_hf = BertForPreTraining(small_config()).eval()
-    packed_cfg = copy.deepcopy(padded_hf.config)
-    packed_cfg._attn_implementation = "ptft_test_varlen"
-    packed_hf = BertForPreTraining(packed_cfg).eval()
-    packed_hf.load_state_dict(padded_hf.state_dict())
-    padded, packed = M.BertPretrainer(padded_hf).eval(), M.BertPretrainer(packed_hf).eval()
+    packed_hf = copy.deepcopy(padded_hf)
+    padded, packed = M.BertPretrainer(padded_hf, unpad=False).eval(), M.BertPretrainer(packed_hf).eval()
     assert packed.packed and not padded.packed
+    assert packed.config._attn_implementation == "ptft_varlen" and padded.config._attn_implementation == "sdpa"
 
     b = make_batch(2)
     ref = padded(**b)
@@ -231,6 +225,24 @@ def test_packed_encoder_equals_padded(monkeypatch):
     }
     again = packed(**b, **stream_keys)
     torch.testing.assert_close(again.loss, out.loss)
+
+
+def test_cpu_packs_only_batches_with_enough_padding(monkeypatch):
+    """Below CPU_MIN_PAD_SHARE a CPU micro-batch runs padded (same loss); above it, packed."""
+    from ptft_dist.pretrain import attention
+
+    calls = []
+    real = attention.per_sample
+    monkeypatch.setattr(attention, "per_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(3)
+    model = M.BertPretrainer.from_config(small_config()).eval()
+    b = make_batch(3)  # 46 % padding
+    full = {k: v[:1] for k, v in b.items()}  # one full-length row: no padding
+    ref = M.BertPretrainer(copy.deepcopy(model.hf_model), unpad=False).eval()
+    torch.testing.assert_close(model(**full).loss, ref(**full).loss)
+    assert calls == []
+    torch.testing.assert_close(model(**b).loss, ref(**b).loss, atol=1e-5, rtol=0)
+    assert len(calls) == small_config().num_hidden_layers
 
 
 # --------------------------------------------------------------------------- accounting
