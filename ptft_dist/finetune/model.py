@@ -1,7 +1,9 @@
-"""The task model: a sequence classifier on any BERT-family HF dir, full or LoRA (PEFT), and its export.
+"""The task model: a sequence classifier on an encoder HF dir (BERT, RoBERTa / XLM-R, DistilBERT,
+ModernBERT), full or LoRA (PEFT), and its export.
 
 Loading is plain ``AutoModelForSequenceClassification.from_pretrained``: our own ``ptft convert``
-exports (``BertForPreTraining``) and third-party encoders (``BertModel``, e.g. MiniLM) both work;
+exports (``BertForPreTraining``, ``RobertaForMaskedLM``, ...) and third-party encoders (``BertModel``,
+e.g. MiniLM) all work;
 the classifier head is new, the encoder weights must all come from the directory.
 
 Export (rank 0, CPU, fp32) never reuses the training module: a fresh fp32 model is built from the
@@ -39,6 +41,11 @@ from ptft_dist.fsutil import remove_stale_temps, replace_dir
 META_FILE = "ptft_finetune.json"
 ADAPTER_DIR = "adapter"
 MODULES_TO_SAVE = ["classifier", "pooler"]  # BertForSequenceClassification: bert.pooler + classifier
+# the encoders `ptft pretrain` trains and exports (pretrain/architectures.py), by config.model_type
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
+# weights a classifier may add to an encoder export: BERT's pooler (absent from MLM-only models),
+# the head (RoBERTa classifier.dense/out_proj, DistilBERT pre_classifier + classifier)
+NEW_HEAD_KEYS = ("classifier.", "pre_classifier.", "bert.pooler.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -140,9 +147,9 @@ def build_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetune
 
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir)
-    if getattr(config, "model_type", None) not in ("bert",):
-        raise FinetuneError(f"{model_dir}: model_type {getattr(config, 'model_type', None)!r} is not a BERT-family "
-                            f"encoder (model_type 'bert')")
+    if getattr(config, "model_type", None) not in ENCODER_TYPES:
+        raise FinetuneError(f"{model_dir}: model_type {getattr(config, 'model_type', None)!r} is not one of the "
+                            f"encoders ptft fine-tunes ({', '.join(ENCODER_TYPES)})")
     regression = cfg.task_type == "regression"
     names = [str(n) for n in label_names] if not regression else ["score"]
     kwargs: dict[str, Any] = dict(num_labels=len(names),
@@ -157,7 +164,7 @@ def build_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetune
     except Exception as exc:
         raise FinetuneError(f"{model_dir}: cannot load as a sequence classifier ({type(exc).__name__}: {exc})") from None
     model.float()  # fp32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto")
-    encoder_missing = [k for k in info.get("missing_keys", []) if not k.startswith(("classifier.", "bert.pooler."))]
+    encoder_missing = [k for k in info.get("missing_keys", []) if not k.startswith(NEW_HEAD_KEYS)]
     if encoder_missing:
         raise FinetuneError(f"{model_dir}: encoder weights missing from the checkpoint: {sorted(encoder_missing)[:5]} "
                             f"(is it a BERT encoder export?)")

@@ -13,6 +13,7 @@ from transformers import AttentionInterface, BertForPreTraining
 from ptft_dist.config import ModelConfig
 from ptft_dist.metrics.parameters import count_parameters
 from ptft_dist.pretrain import model as M
+from ptft_dist.pretrain import pretrainer as P
 
 VOCAB = 101
 SMALL = {"preset": "tiny", "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
@@ -199,7 +200,7 @@ def _reference_varlen_attention(
 
 def test_packed_encoder_equals_padded(monkeypatch):
     AttentionInterface.register("ptft_test_varlen", _reference_varlen_attention)
-    monkeypatch.setattr(M, "VARLEN_ATTENTION_IMPLEMENTATIONS", {"ptft_test_varlen"})
+    monkeypatch.setattr(P, "VARLEN_ATTENTION_IMPLEMENTATIONS", {"ptft_test_varlen"})
     assert not M.BertPretrainer.from_config(small_config()).packed  # sdpa: honest no-op
 
     torch.manual_seed(2)
