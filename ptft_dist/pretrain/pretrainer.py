@@ -103,6 +103,9 @@ class MaskedLMPretrainer(nn.Module):
         if unpad and not self.packed:
             log.info("model.unpad: attention %r has no variable-length kernel; micro-batches run padded "
                      "(to their longest sample)", self.config._attn_implementation)
+        # from_pretrained returns the model in eval mode: without this, an init_from run trained without
+        # dropout until its first checkpoint or evaluation switched it back (and a resumed run differed)
+        self.train()
 
     @property
     def hf_model(self) -> PreTrainedModel:

@@ -101,7 +101,7 @@ def _finetune(export: Path, tmp: Path) -> dict:
             rows.append(f"{' '.join(words)}\t{'pos' if i % 2 else 'neg'}")
         (tmp / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     out = tmp / "ft"
-    _cli("finetune", f"finetune.model={export}", f"finetune.train_file={tmp / 'train.tsv'}",
+    _cli("finetune", "--model", str(export), f"finetune.train_file={tmp / 'train.tsv'}",
          f"finetune.validation_file={tmp / 'validation.tsv'}", f"finetune.test_file={tmp / 'test.tsv'}",
          "finetune.max_seq_len=32", "finetune.epochs=4", "finetune.lr=5e-3", "finetune.batch_size=8",
          f"finetune.output_dir={out}", "train.backend=accelerate", "train.zero_stage=0")

@@ -169,3 +169,10 @@ def test_init_from_any_masked_lm_dir(model_type, tmp_path):
     other = "bert" if model_type != "bert" else "roberta"
     with pytest.raises(ConfigError, match=f"model.arch={other} contradicts model.init_from"):
         M.planned_config(ModelConfig(init_from=str(src), arch=other), vocab, pad)
+
+
+def test_init_from_trains_with_dropout_from_the_first_step(tmp_path):
+    src = tiny_model_dir("roberta", tmp_path / "m")
+    config = AutoModelForMaskedLM.from_pretrained(src).config
+    pre = M.build_pretrainer(ModelConfig(init_from=str(src)), config.vocab_size, config.pad_token_id, nsp=False)
+    assert pre.training and all(m.training for m in pre.modules())  # from_pretrained alone gives eval mode
