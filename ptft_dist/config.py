@@ -132,8 +132,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A BERT encoder: a size preset, any field overridden (None = the preset's value)."""
+    """An encoder: a size preset, any field overridden (None = the preset's value), or an HF model dir."""
 
+    arch: Optional[Literal["bert", "roberta", "distilbert", "modernbert"]] = None  # from scratch: which encoder (None = bert; with init_from: must match it)
     preset: Literal["tiny", "mini", "small", "medium", "base", "large"] = "tiny"
     hidden_size: Optional[int] = None
     num_hidden_layers: Optional[int] = None
@@ -146,7 +147,7 @@ class ModelConfig:
     sparse_mlm_head: bool = True  # run the MLM decoder on masked positions only
     unpad: bool = True  # pack samples and skip pad tokens when the batch allows it
     compile: bool = False  # torch.compile the model (DeepSpeed engine.compile()); compile time logged as compile_s
-    init_from: Optional[str] = None  # start from an HF model directory instead of random weights
+    init_from: Optional[str] = None  # start from an HF model directory (any AutoModelForMaskedLM encoder) instead of random weights
 
 
 @dataclass

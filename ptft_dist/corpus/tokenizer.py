@@ -76,7 +76,9 @@ def save_hf_tokenizer(tok, out_dir: str | Path, lowercase: bool = True) -> None:
 
 
 def adopt_tokenizer(path: str | Path, out_dir: str | Path) -> None:
-    """Copy an existing HF (fast) tokenizer directory into the corpus, checking it has BERT's specials."""
+    """Copy an existing HF (fast) tokenizer directory into the corpus (a model's own: WordPiece,
+    byte-level BPE, Unigram), checking it names the special tokens a sample is framed and masked
+    with (BERT's ``[CLS]``/``[SEP]``/``[MASK]``, RoBERTa's ``<s>``/``</s>``/``<mask>``, ...)."""
     from transformers import AutoTokenizer
 
     src = Path(path)
@@ -88,24 +90,41 @@ def adopt_tokenizer(path: str | Path, out_dir: str | Path) -> None:
         raise InputError(f"prepare.tokenizer.path: {src}: cannot load tokenizer ({exc})") from None
     if not getattr(hf, "is_fast", False):
         raise InputError(f"prepare.tokenizer.path: {src}: needs a fast tokenizer (tokenizer.json)")
-    missing = [t for t in SPECIAL_TOKENS.values()
-               if t != "[UNK]" and hf.convert_tokens_to_ids(t) in (None, hf.unk_token_id)]
-    if missing:
-        raise InputError(f"prepare.tokenizer.path: {src}: lacks special tokens {missing}")
+    _special_roles(hf, f"prepare.tokenizer.path: {src}")
     hf.save_pretrained(str(out_dir))
     if not (Path(out_dir) / "tokenizer.json").exists():
         hf.backend_tokenizer.save(str(Path(out_dir) / "tokenizer.json"))
 
 
-def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    ids = {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
-    missing = [SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
+def _special_roles(hf, where: str) -> dict[str, int]:
+    """pad/unk/cls/sep/mask ids as the tokenizer names them (cls/sep fall back to bos/eos); unk may
+    be absent (byte-level BPE needs none)."""
+    roles = {"pad": hf.pad_token_id, "unk": hf.unk_token_id,
+             "cls": hf.cls_token_id if hf.cls_token_id is not None else hf.bos_token_id,
+             "sep": hf.sep_token_id if hf.sep_token_id is not None else hf.eos_token_id,
+             "mask": hf.mask_token_id}
+    vocab = hf.get_vocab()
+    for name, i in roles.items():  # a bare tokenizer.json: BERT's names, if it has them
+        if i is None and SPECIAL_TOKENS[name] in vocab:
+            roles[name] = vocab[SPECIAL_TOKENS[name]]
+    missing = [f"{name} ({SPECIAL_TOKENS[name]})" for name, i in roles.items() if i is None and name != "unk"]
     if missing:
-        raise InputError(f"{tokenizer_dir}: tokenizer lacks special tokens {missing}")
-    return ids  # type: ignore[return-value]
+        raise InputError(f"{where}: the tokenizer defines no {', '.join(missing)} token; a sample is framed as "
+                         "CLS text SEP and masked with MASK, padded with PAD (set them in its tokenizer_config.json)")
+    return {k: int(v) for k, v in roles.items() if v is not None}
+
+
+def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
+    """The corpus manifest's ``special_tokens``: the roles (pad, unk, cls, sep, mask) and then every
+    other special token by name, none of which is ever masked or drawn as a random replacement."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=True)
+    ids = _special_roles(hf, str(tokenizer_dir))
+    for token, i in zip(hf.all_special_tokens, hf.all_special_ids):
+        if i is not None and i not in ids.values():
+            ids[token] = int(i)
+    return ids
 
 
 def vocab_size(tokenizer_dir: str | Path) -> int:
@@ -130,8 +149,10 @@ def load_vocab(corpus: str, storage_options: Optional[dict] = None) -> list[str]
     except FileNotFoundError:
         raise CorpusError(f"{base}: no vocab.txt or tokenizer.json") from None
     vocab = data.get("model", {}).get("vocab")
-    if not isinstance(vocab, dict):
-        raise CorpusError(f"{base}/tokenizer.json: not a WordPiece vocabulary")
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
+        vocab = {piece[0]: i for i, piece in enumerate(vocab)}
+    if not isinstance(vocab, dict) or not vocab:
+        raise CorpusError(f"{base}/tokenizer.json: no vocabulary in it")
     out: list[str] = [""] * (max(vocab.values()) + 1)
     for tok, i in vocab.items():
         out[i] = tok
@@ -140,6 +161,41 @@ def load_vocab(corpus: str, storage_options: Optional[dict] = None) -> list[str]
             out.extend([""] * (t["id"] + 1 - len(out)))
         out[t["id"]] = t["content"]
     return out
+
+
+def word_boundary_rule(corpus: str, storage_options: Optional[dict] = None) -> Optional[tuple[str, bool]]:
+    """How the corpus tokenizer marks words, for whole-word masking: ``(marker, marks_start)``.
+
+    WordPiece marks continuation pieces (``##``: ``marks_start`` False); byte-level BPE (RoBERTa,
+    ModernBERT) and SentencePiece-style Metaspace tokenizers (XLM-R) mark the piece that starts a word
+    (``Ġ``, ``▁``: True). None when the tokenizer marks neither (whole words cannot be found)."""
+    import fsspec
+
+    url = join(corpus, TOKENIZER_DIR, "tokenizer.json")
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CorpusError(f"{url}: missing") from None
+    model = data.get("model") or {}
+    if model.get("type") == "WordPiece":
+        return model.get("continuing_subword_prefix") or "##", False
+    for pre in _pre_tokenizers(data.get("pre_tokenizer")):
+        if pre.get("type") == "ByteLevel":
+            return "\u0120", True  # Ġ: the byte-level image of a space
+        if pre.get("type") == "Metaspace":
+            return pre.get("replacement") or "\u2581", True
+    if model.get("continuing_subword_prefix"):
+        return model["continuing_subword_prefix"], False
+    return None
+
+
+def _pre_tokenizers(pre: Optional[dict]) -> list[dict]:
+    if not pre:
+        return []
+    if pre.get("type") == "Sequence":
+        return [p for child in pre.get("pretokenizers", []) for p in _pre_tokenizers(child)]
+    return [pre]
 
 
 def expected_tokenizer_hash(expected: str) -> str:

@@ -1,9 +1,10 @@
-"""The task model on any BERT-family HF dir, full or LoRA (PEFT), and its export: a sequence
-classifier (classification, regression), a token classifier or a span extractor (extractive QA).
+"""The task model on an encoder HF dir (BERT, RoBERTa / XLM-R, DistilBERT, ModernBERT), full or
+LoRA (PEFT), and its export: a sequence classifier (classification, regression), a token
+classifier or a span extractor (extractive QA).
 
 Loading is plain ``AutoModelFor{SequenceClassification,TokenClassification,QuestionAnswering}
-.from_pretrained`` (``HEADS``): our own ``ptft convert``
-exports (``BertForPreTraining``) and third-party encoders (``BertModel``, e.g. MiniLM) both work;
+.from_pretrained`` (``HEADS``): our own ``ptft convert`` exports (``BertForPreTraining``,
+``RobertaForMaskedLM``, ...) and third-party encoders (``BertModel``, e.g. MiniLM) all work;
 the classifier head is new, the encoder weights must all come from the directory.
 
 Export (rank 0, CPU, fp32) never reuses the training module: a fresh fp32 model is built from the
@@ -49,8 +50,10 @@ HEADS: dict[str, tuple[str, str, list[str]]] = {
     "token_classification": ("AutoModelForTokenClassification", "TOKEN_CLS", ["classifier"]),
     "extractive_qa": ("AutoModelForQuestionAnswering", "QUESTION_ANS", ["qa_outputs"]),
 }
-HEAD_PREFIXES = ("classifier.", "score.", "qa_outputs.", "bert.pooler.")
+HEAD_PREFIXES = ("classifier.", "pre_classifier.", "score.", "qa_outputs.", "bert.pooler.")
 ARCH_TASKS = {"ForTokenClassification": "token_classification", "ForQuestionAnswering": "extractive_qa"}
+# the encoders `ptft pretrain` trains and exports (pretrain/architectures.py), by config.model_type
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -171,9 +174,9 @@ def build_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetune
     new head's initialisation (same on every rank and for the fresh export copy)."""
     model_dir = check_model_dir(model_dir)
     config = load_config(model_dir)
-    if getattr(config, "model_type", None) not in ("bert",):
-        raise FinetuneError(f"{model_dir}: model_type {getattr(config, 'model_type', None)!r} is not a BERT-family "
-                            f"encoder (model_type 'bert')")
+    if getattr(config, "model_type", None) not in ENCODER_TYPES:
+        raise FinetuneError(f"{model_dir}: model_type {getattr(config, 'model_type', None)!r} is not one of the "
+                            f"encoders ptft fine-tunes ({', '.join(ENCODER_TYPES)})")
     kwargs = _head_kwargs(cfg.task_type, label_names)
     if seed is not None:
         torch.manual_seed(seed)

@@ -1,9 +1,11 @@
 """``ptft convert``: a pretraining checkpoint (any ZeRO stage, any world size) → a plain HF model dir.
 
 Weights are consolidated by DeepSpeed's own ``zero_to_fp32`` (lazily, one tensor at a time, so
-peak memory stays near the model size), loaded into a stock ``BertForPreTraining`` (the MLM
-decoder is tied to the word embeddings), written with ``save_pretrained`` (safetensors), and then
-checked: the export is reloaded with plain ``transformers`` and its MLM and NSP logits are
+peak memory stays near the model size), loaded into a stock model of the architecture that was
+trained (``BertForPreTraining``, ``RobertaForMaskedLM``, ``DistilBertForMaskedLM``,
+``ModernBertForMaskedLM``, ...; the MLM decoder is tied to the word embeddings), written with
+``save_pretrained`` (safetensors), and then checked: the export is reloaded with plain
+``transformers`` (``AutoModelForMaskedLM``; BERT: ``AutoModelForPreTraining``) and its MLM (and NSP) logits are
 compared with the consolidated model's and with the training engine's own logits, recorded in the
 checkpoint when it was saved (``probe_logits.pt``, pretrain/probe.py): only the latter catches a
 consolidation error. Past the tolerance (fp32: 1e-4 relative; bf16: 5e-2) convert fails and
@@ -33,6 +35,9 @@ from ptft_dist.pretrain.probe import probe_batch
 
 log = get_logger("convert")
 META = "ptft_export.json"
+# the weights a sequence classifier adds to an MLM export (RoBERTa's head is classifier.*, DistilBERT's
+# pre_classifier + classifier)
+NEW_CLASSIFIER_KEYS = ("classifier.", "pre_classifier.")
 
 
 class ConvertError(UserError, RuntimeError):
@@ -105,13 +110,14 @@ def _load_into(model: torch.nn.Module, state: dict) -> None:
 
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(model.named_buffers())
-    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
     missing = [k for k in targets if k not in state and k not in tied and targets[k].is_meta]
     if missing:
         raise ConvertError(f"checkpoint lacks model weights: {', '.join(missing[:5])}")
     unexpected = [k for k in state if k not in targets]
     if unexpected:
-        raise ConvertError(f"checkpoint has weights this BERT does not: {', '.join(list(unexpected)[:5])}")
+        raise ConvertError(f"checkpoint has weights this {type(model).__name__} does not: "
+                           f"{', '.join(list(unexpected)[:5])}")
     for k in list(state.keys()):
         if k in tied and not targets[k].is_meta:
             continue
@@ -128,9 +134,7 @@ def _load_into(model: torch.nn.Module, state: dict) -> None:
 
 def _max_diff(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], batch: dict) -> float:
     mask = batch["attention_mask"].bool()
-    mlm = (a[0][mask] - b[0][mask]).abs().max().item()
-    nsp = (a[1] - b[1]).abs().max().item()
-    return max(mlm, nsp)
+    return max(probe.max_abs(a[0][mask] - b[0][mask]), probe.max_abs(a[1] - b[1]))
 
 
 def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, batch: dict) -> float:
@@ -205,10 +209,11 @@ def _import_heavy_modules() -> None:
     import safetensors.torch  # noqa: F401
     import transformers
     from transformers import (  # noqa: F401 - transformers loads these lazily: now, not inside the measurement
+        AutoModelForMaskedLM,
         AutoModelForPreTraining,
+        AutoModelForSequenceClassification,
         BertConfig,
         BertForPreTraining,
-        BertForSequenceClassification,
     )
 
     transformers.logging.set_verbosity_error()  # the load report for the classifier head is expected noise
@@ -221,14 +226,21 @@ def _check_request(out: Path, dtype: str, overwrite: bool, source: Source) -> No
 
 
 def _model_config(source: Source):
-    """The checkpoint's own BertConfig (saved by the pretraining loop with every checkpoint)."""
-    from transformers import BertConfig
+    """The checkpoint's own model config (saved by the pretraining loop with every checkpoint;
+    ``model_type`` says the architecture, BERT for runs older than that)."""
+    from transformers import CONFIG_MAPPING
+
+    from ptft_dist.pretrain.architectures import model_class
 
     config_dict = source.client.get("model_config")
     if not config_dict:
         raise ConvertError(f"{source.step_dir}: the checkpoint manifest has no model_config (not a ptft pretraining run?)")
-    config = BertConfig.from_dict({k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
-    config.architectures = ["BertForPreTraining"]
+    model_type = config_dict.get("model_type") or "bert"
+    if model_type not in CONFIG_MAPPING:
+        raise ConvertError(f"{source.step_dir}: model type {model_type!r} is unknown to this transformers")
+    config = CONFIG_MAPPING[model_type].from_dict(
+        {k: v for k, v in config_dict.items() if k not in ("transformers_version", "model_type")})
+    config.architectures = [model_class(config).__name__]
     return config
 
 
@@ -241,16 +253,17 @@ def _tokenizer_dir(source: Source) -> Path:
 
 
 def _build_model(config, source: Source, random_init: bool) -> torch.nn.Module:
-    """A stock ``BertForPreTraining`` holding the checkpoint's weights (or seed-0 random ones)."""
-    from transformers import BertForPreTraining
-
-    torch.manual_seed(0)
-    if random_init:
-        return BertForPreTraining(config)
+    """A stock model of the trained architecture holding the checkpoint's weights (or seed-0 random ones)."""
     from accelerate import init_empty_weights
 
+    from ptft_dist.pretrain.architectures import model_class
+
+    cls = model_class(config)
+    torch.manual_seed(0)
+    if random_init:
+        return cls(config)
     with init_empty_weights():
-        model = BertForPreTraining(config)
+        model = cls(config)
     _load_into(model, consolidated_state_dict(source.step_dir))
     gc.collect()  # DeepSpeed's flat partitions are garbage once every tensor is materialised
     export_checks.check_finite_weights(model, source.step_dir)
@@ -276,9 +289,15 @@ def _verify_export(tmp: Path, reference: tuple[torch.Tensor, torch.Tensor], batc
     recorded at checkpoint time (what was consolidated is what was trained), and the encoder must
     load into a sequence classifier. Returns the max difference to the consolidated model and the
     engine check's report."""
-    from transformers import AutoModelForPreTraining, BertForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForMaskedLM,
+        AutoModelForPreTraining,
+        AutoModelForSequenceClassification,
+    )
 
-    reloaded = AutoModelForPreTraining.from_pretrained(str(tmp), torch_dtype=torch.float32)
+    auto = AutoModelForPreTraining if AutoConfig.from_pretrained(str(tmp)).model_type == "bert" else AutoModelForMaskedLM
+    reloaded = auto.from_pretrained(str(tmp), torch_dtype=torch.float32)
     got = probe.logits(reloaded, batch)
     diff = _max_diff(reference, got, batch)
     del reloaded
@@ -286,10 +305,11 @@ def _verify_export(tmp: Path, reference: tuple[torch.Tensor, torch.Tensor], batc
     if dtype == "fp32" and not diff <= 1e-5:  # NaN fails too; bf16 exports are rounded on purpose: checked against the engine below
         raise ConvertError(f"verification failed: max |logit difference| {diff:.2e} > 1e-05")
     engine_check = _check_against_engine(got, batch, recorded, dtype, step_dir)
-    cls_model, info = BertForSequenceClassification.from_pretrained(str(tmp), num_labels=2, output_loading_info=True)
-    encoder_missing = [k for k in info["missing_keys"] if not k.startswith("classifier.")]
+    cls_model, info = AutoModelForSequenceClassification.from_pretrained(str(tmp), num_labels=2,
+                                                                         output_loading_info=True)
+    encoder_missing = [k for k in info["missing_keys"] if not k.startswith(NEW_CLASSIFIER_KEYS)]
     if encoder_missing:
-        raise ConvertError(f"export does not load into BertForSequenceClassification: missing {encoder_missing[:5]}")
+        raise ConvertError(f"export does not load into {type(cls_model).__name__}: missing {encoder_missing[:5]}")
     del cls_model
     return diff, engine_check
 

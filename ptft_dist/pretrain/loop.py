@@ -5,7 +5,7 @@ step, log, evaluate, save); every concern lives in its own module::
 
     dist/discover.py, dist/rendezvous.py   who am I, the process group, my device
     corpus/format.py                       the corpus manifest (vocabulary, tokenizer hash)
-    pretrain/model.py                      BERT + sparse MLM head, FLOPs per micro-batch
+    pretrain/model.py                      the encoder (BERT, RoBERTa, ...) + sparse MLM head, FLOPs
     engine/ (base.py, deepspeed.py, ...)   DeepSpeed ZeRO / Accelerate: forward, backward, step
     engine/schedule.py                     the LR schedule
     stream/loader.py                       exactly-once, resumable batches
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import BertConfig
+from transformers import PretrainedConfig
 
 from ptft_dist.checkpoint.manager import CheckpointError, CheckpointManager, restore_rng
 from ptft_dist.checkpoint.preemption import PreemptionHandler, exit_for_requeue, preemption_save
@@ -53,7 +53,14 @@ from ptft_dist.metrics.throughput import Throughput, device_peak_flops, format_p
 from ptft_dist.pretrain import probe
 from ptft_dist.pretrain.evaluate import Window, evaluate, format_eval
 from ptft_dist.pretrain.guard import NonFiniteGuard
-from ptft_dist.pretrain.model import BertPretrainer, build_pretrainer, micro_batch_work, model_inputs, planned_config
+from ptft_dist.pretrain.model import (
+    MaskedLMPretrainer,
+    build_pretrainer,
+    check_model_fits,
+    micro_batch_work,
+    model_inputs,
+    planned_config,
+)
 from ptft_dist.pretrain.run_dir import check_checkpoint_tokenizers, check_run_dir, sync_run_tokenizer
 from ptft_dist.stream.loader import build_train_loader, build_validation_loader
 
@@ -63,7 +70,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 # The checkpoint's client state, in the order it has always been written.
 CLIENT_STATE_KEYS = ("step", "data", "config_hash", "consumed_tokens", "model_config", "tokenizer_hash", "world_size")
 # Model settings a resumed run must share with its checkpoint.
-MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+MODEL_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "max_position_embeddings", "type_vocab_size")
 
 
@@ -100,7 +107,7 @@ class RunIdentity:
     are recorded, not enforced: a resume may change settings or ranks (docs/design.md, guarantee 4)."""
 
     cfg: Config
-    model_config: BertConfig
+    model_config: PretrainedConfig
     tokenizer_hash: str
     world_size: int
 
@@ -164,15 +171,16 @@ class Trainer:
         self.guard = NonFiniteGuard()
         self.sample_ids: SampleIdLog | None = None
 
-    def _build_model(self) -> BertPretrainer:
+    def _build_model(self) -> MaskedLMPretrainer:
         """The model, built the way the engine needs it (ZeRO-3: partitioned while it is created, so no
         rank ever holds it whole), then every rank's RNG re-seeded: under ZeRO-3 only rank 0 draws the
         initial weights, and dropout must not depend on how the model was built."""
-        cfg, vocab, pad = self.cfg, self.manifest.vocab_size, self.manifest.special_tokens["pad"]
+        cfg, vocab, specials = self.cfg, self.manifest.vocab_size, self.manifest.special_tokens
         torch.manual_seed(cfg.train.seed)
-        hidden = planned_config(cfg.model, vocab, pad).hidden_size
-        with model_build_context(cfg.train, cfg.optim, self.env.world_size, self.device, hidden):
-            model = build_pretrainer(cfg.model, vocab, pad, nsp=cfg.data.nsp)
+        planned = planned_config(cfg.model, vocab, specials["pad"], specials)
+        check_model_fits(planned, cfg.data.nsp, cfg.data.max_seq_len, specials, vocab)  # before a weight exists
+        with model_build_context(cfg.train, cfg.optim, self.env.world_size, self.device, planned.hidden_size):
+            model = build_pretrainer(cfg.model, vocab, specials["pad"], nsp=cfg.data.nsp, special_ids=specials)
         torch.manual_seed(cfg.train.seed)
         return model
 
@@ -233,7 +241,9 @@ class Trainer:
         cfg = self.cfg
         self.metrics.log_text("config", yaml.safe_dump(public_dict(cfg), sort_keys=False))
         params = count_parameters(self.model)
-        log.info(f"{cfg.model.preset} model, {params['total'] / 1e6:.1f}M parameters "
+        what = f"{self.identity.model_config.model_type} model from {cfg.model.init_from}" if cfg.model.init_from \
+            else f"{cfg.model.preset} {self.identity.model_config.model_type} model"
+        log.info(f"{what}, {params['total'] / 1e6:.1f}M parameters "
                  f"({params['non_embedding'] / 1e6:.1f}M non-embedding), {self.env.world_size} rank(s), "
                  f"backend {cfg.train.backend}, precision {self.engine.precision}")
 

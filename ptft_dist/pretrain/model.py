@@ -1,15 +1,18 @@
-"""The pretraining model: a stock ``BertForPreTraining`` with a loss that skips wasted work.
+"""The pretraining model: a stock HF encoder (``BertForPreTraining``, or the ``AutoModelForMaskedLM``
+class of RoBERTa / XLM-R, DistilBERT, ModernBERT: pretrain/architectures.py) with a loss that
+skips wasted work.
 
 Why a wrapper and not a subclass: exports must be plain Hugging Face (docs/design.md, guarantee 8). The
-wrapper registers the HF model's own ``bert`` and ``cls`` modules as its children, so its
-``state_dict()`` keys are exactly ``BertForPreTraining``'s (``bert.*``, ``cls.*``), DeepSpeed /
-ZeRO checkpoints hold those names, and ``pretrainer.hf_model.save_pretrained(dir)`` writes a model
-with ``architectures: ["BertForPreTraining"]`` that ``AutoModelForPreTraining`` loads with no
-custom code. Only ``forward`` differs:
+wrapper registers the HF model's own children (``bert`` and ``cls``; ``roberta`` and ``lm_head``; ...)
+as its children, so its ``state_dict()`` keys are exactly the HF model's, DeepSpeed / ZeRO
+checkpoints hold those names, and ``pretrainer.hf_model.save_pretrained(dir)`` writes a model that
+``AutoModelForMaskedLM`` (BERT: also ``AutoModelForPreTraining``) loads with no custom code. Only
+``forward`` differs:
 
 * **Sparse MLM head.** The prediction head (transform + tied decoder to the vocabulary) runs only
   on the rows whose label is not -100 (~15 % of the tokens) instead of every position. The loss,
-  the gradients and the logits of the predicted rows are those of the dense head.
+  the gradients and the logits of the predicted rows are those of the dense head. A model type
+  without a known head runs the dense one (said once in the log).
 * **Unpadding** (``unpad=True``), honestly scoped: see :class:`BertPretrainer`.
 * Metrics come back as tensors (``mlm_correct``, ``mlm_count``, ...) so accuracy needs no extra
   device sync; the loop adds them up and syncs once per log interval.
@@ -18,17 +21,24 @@ custom code. Only ``forward`` differs:
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import BertConfig, BertForPreTraining
+from transformers import BertConfig, BertForPreTraining, PretrainedConfig
 
 from ptft_dist.config import ConfigError, ModelConfig
-from ptft_dist.pretrain import attention
+from ptft_dist.pretrain import architectures as A
+from ptft_dist.pretrain.architectures import new_model  # noqa: F401 - re-exported
+from ptft_dist.pretrain.pretrainer import (  # noqa: F401 - re-exported: the model's public names
+    CPU_MIN_PAD_SHARE,
+    VARLEN_ATTENTION_IMPLEMENTATIONS,
+    BertPretrainer,
+    MaskedLMPretrainer,
+    PretrainOutput,
+    _ce_stats,
+    attn_supports_packing,
+    packing_implementation,
+)
 from ptft_dist.stream.loader import MODEL_INPUTS
 from ptft_dist.stream.masking import IGNORE_INDEX
 
@@ -44,16 +54,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16},
 }
 
-# Attention functions (names registered with transformers' AttentionInterface) that honour the
-# ``cu_seq_lens_q/k`` + ``max_length_q/k`` kwargs of a packed (1, total_tokens) batch. The flash
-# family is recognised by transformers' own check; ptft's own (torch kernels) is pretrain/attention.py.
-VARLEN_ATTENTION_IMPLEMENTATIONS: set[str] = {attention.NAME}
-# CPU packing runs one SDPA call per sample: below this pad share the work it saves is smaller than
-# that loop's cost, so such micro-batches run padded (same result; docs/performance.md). The
-# environment variable exists for benchmarks and the GPU benchmark's CPU smoke mode (0 = always pack).
-CPU_MIN_PAD_SHARE = float(os.environ.get("PTFT_CPU_MIN_PAD_SHARE", "0.10"))
-
-
 # --------------------------------------------------------------------------- config
 
 
@@ -65,6 +65,14 @@ def _positive_int(key: str, value: Any) -> int:
 
 def bert_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> BertConfig:
     """The ``BertConfig`` of a preset with the config's overrides (intermediate = 4 × hidden unless set)."""
+    return scratch_config(model_cfg, vocab_size, {"pad": pad_token_id}, arch="bert")
+
+
+def scratch_config(model_cfg: ModelConfig, vocab_size: int, specials: dict[str, int],
+                   arch: Optional[str] = None) -> PretrainedConfig:
+    """The config of a fresh ``model.arch`` encoder (default BERT): a preset with the config's
+    overrides (intermediate = 4 × hidden unless set) and the tokenizer's special ids."""
+    arch = arch or model_cfg.arch or "bert"
     if model_cfg.preset not in PRESETS:
         raise ConfigError(f"model.preset: {model_cfg.preset!r} is not one of {sorted(PRESETS)}")
     shape = dict(PRESETS[model_cfg.preset])
@@ -78,6 +86,7 @@ def bert_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> B
     shape.setdefault("intermediate_size", 4 * hidden)
     _positive_int("model.max_position_embeddings", model_cfg.max_position_embeddings)
     _positive_int("vocab_size (from the corpus tokenizer)", vocab_size)
+    pad_token_id = specials["pad"]
     if not 0 <= pad_token_id < vocab_size:
         raise ConfigError(f"pad_token_id {pad_token_id} is outside the vocabulary (size {vocab_size})")
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
@@ -86,16 +95,8 @@ def bert_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> B
             raise ConfigError(f"model.{key} must be in [0, 1), got {p!r}")
     impl = model_cfg.attn_implementation or "sdpa"
     _check_attn_implementation(impl)
-    return BertConfig(
-        vocab_size=vocab_size,
-        pad_token_id=pad_token_id,
-        type_vocab_size=2,
-        max_position_embeddings=model_cfg.max_position_embeddings,
-        hidden_dropout_prob=model_cfg.hidden_dropout_prob,
-        attention_probs_dropout_prob=model_cfg.attention_probs_dropout_prob,
-        attn_implementation=impl,
-        **shape,
-    )
+    ids = {"cls": pad_token_id, "sep": pad_token_id, **specials}
+    return A.scratch_config(arch, shape, model_cfg, vocab_size, ids, impl)
 
 
 def _check_attn_implementation(impl: str) -> None:
@@ -106,284 +107,85 @@ def _check_attn_implementation(impl: str) -> None:
         raise ConfigError(f"model.attn_implementation: {impl!r} is not one of {sorted(known)} (or a hub kernel)")
 
 
-def packing_implementation(impl: str | None, unpad: bool) -> str | None:
-    """The attention a model with ``model.attn_implementation=impl`` runs: with ``unpad``, ``sdpa`` (the
-    default) becomes ``ptft_varlen``, which is sdpa on padded batches and packs on every device."""
-    return attention.NAME if unpad and impl in (None, "sdpa") else impl
-
-
-def attn_supports_packing(impl: str | None) -> bool:
-    """Whether the attention implementation runs packed variable-length sequences (cu_seqlens)."""
-    if not impl:
-        return False
-    from transformers.utils.generic import is_flash_attention_requested
-
-    return impl in VARLEN_ATTENTION_IMPLEMENTATIONS or is_flash_attention_requested(
-        requested_attention_implementation=impl
-    )
-
-
 # --------------------------------------------------------------------------- model
 
 
-@dataclass
-class PretrainOutput:
-    """Losses (``loss`` carries the graph; the parts are detached) and metric counts (tensors)."""
-
-    loss: torch.Tensor
-    mlm_loss: torch.Tensor
-    nsp_loss: torch.Tensor | None
-    mlm_correct: torch.Tensor
-    mlm_count: torch.Tensor
-    nsp_correct: torch.Tensor | None
-    nsp_count: torch.Tensor | None
-
-
-class BertPretrainer(nn.Module):
-    """MLM (+ NSP) pretraining loss around a stock ``BertForPreTraining``.
-
-    Loss: ``mlm_loss`` is the mean cross-entropy over this micro-batch's predicted tokens (labels
-    != -100) and ``nsp_loss`` the mean over samples with ``next_sentence_label`` != -100, exactly
-    like ``BertForPreTraining``; an empty micro-batch gives 0 instead of NaN. Padding samples (all
-    labels -100) therefore contribute nothing. Logits are upcast to fp32 before the loss.
-
-    ``unpad`` -- what is and is not skipped:
-
-    * If the attention implementation has a variable-length kernel (``sdpa``, which becomes
-      ``ptft_varlen`` -- torch's varlen_attn on CUDA, per-sample SDPA on CPU, see
-      pretrain/attention.py --, ``flash_attention_2/3/4``, a hub flash kernel, or a name in
-      ``VARLEN_ATTENTION_IMPLEMENTATIONS``), the micro-batch is
-      **packed**: the real tokens of all samples are concatenated into one (1, T) sequence with
-      per-sample position ids and ``cu_seqlens``, and the whole encoder (embeddings, every linear
-      layer, attention) runs on real tokens only; attention stays within each sample.
-      ``self.packed`` is then True. Requires right padding (each row's tokens are a prefix), which
-      is what the data stream produces; pass its ``cu_seqlens``/``indices``/``max_seqlen`` to avoid
-      recomputing them (recomputing costs two host syncs).
-    * Otherwise (``eager``, ``flex_attention``) nothing is packed:
-      transformers' BERT has no varlen path for them. The encoder processes every position of the
-      micro-batch, pad positions included; what limits that waste is the data stream, which pads
-      each micro-batch only to its longest sample. Pads are still masked out of attention, never
-      reach the MLM head (sparse) and never enter a loss.
-    """
-
-    def __init__(
-        self,
-        hf_model: BertForPreTraining,
-        *,
-        nsp: bool = True,
-        sparse_mlm_head: bool = True,
-        unpad: bool = True,
-    ) -> None:
-        super().__init__()
-        # The HF model's own children: state_dict keys are BertForPreTraining's, ties intact.
-        self.bert = hf_model.bert
-        self.cls = hf_model.cls
-        object.__setattr__(self, "_hf_model", hf_model)  # a reference, not a submodule (no "model." prefix)
-        self.config: BertConfig = hf_model.config
-        self.nsp = nsp
-        self.sparse_mlm_head = sparse_mlm_head
-        impl = packing_implementation(self.config._attn_implementation, bool(unpad))
-        if impl != self.config._attn_implementation:
-            hf_model.set_attn_implementation(impl)  # sdpa -> ptft_varlen: same math, packed batches too
-        self.packed = bool(unpad) and attn_supports_packing(self.config._attn_implementation)
-        if not nsp:
-            # MLM only: pooler and NSP head stay in the module (the export keeps its shape) but are
-            # frozen; they would get no gradient anyway, and unused trainable parameters make DDP
-            # (Accelerate) fail without find_unused_parameters.
-            for head in (self.bert.pooler, self.cls.seq_relationship):
-                if head is not None:
-                    head.requires_grad_(False)
-        if unpad and not self.packed:
-            log.info(
-                "model.unpad: attention %r has no variable-length kernel; micro-batches run padded "
-                "(to their longest sample)",
-                self.config._attn_implementation,
-            )
-
-    @property
-    def hf_model(self) -> BertForPreTraining:
-        """The plain HF model sharing these weights: ``save_pretrained`` it to export."""
-        return self._hf_model
-
-    @classmethod
-    def from_config(cls, config: BertConfig, **kwargs: Any) -> BertPretrainer:
-        return cls(new_bert_for_pretraining(config), **kwargs)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        next_sentence_label: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        indices: torch.Tensor | None = None,
-        max_seqlen: int | torch.Tensor | None = None,
-        sample_ids: torch.Tensor | None = None,  # accepted so the loop can pass the whole batch
-    ) -> PretrainOutput:
-        if labels is None:
-            raise ConfigError("BertPretrainer needs MLM labels (-100 where nothing is predicted)")
-        if self.nsp and next_sentence_label is None:
-            raise ConfigError("NSP is on (data.nsp=true) but the batch has no next_sentence_label")
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if self.packed and _worth_packing(input_ids, attention_mask, indices):
-            hidden, flat_labels, pooled = self._encode_packed(
-                input_ids, token_type_ids, attention_mask, labels, position_ids, cu_seqlens, indices, max_seqlen
-            )
-        else:
-            out = self.bert(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                position_ids=position_ids,
-                return_dict=True,
-            )
-            hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-            flat_labels = labels.reshape(-1)
-            pooled = out.pooler_output
-
-        mlm_loss, mlm_correct, mlm_count = self._mlm(hidden, flat_labels)
-        loss, nsp_loss, nsp_correct, nsp_count = mlm_loss, None, None, None
-        if self.nsp:
-            nsp_logits = self.cls.seq_relationship(pooled).float()
-            nsp_loss, nsp_correct, nsp_count = _ce_stats(nsp_logits, next_sentence_label.reshape(-1))
-            loss = mlm_loss + nsp_loss
-        return PretrainOutput(
-            loss=loss,
-            mlm_loss=mlm_loss.detach(),
-            nsp_loss=None if nsp_loss is None else nsp_loss.detach(),
-            mlm_correct=mlm_correct,
-            mlm_count=mlm_count,
-            nsp_correct=nsp_correct,
-            nsp_count=nsp_count,
-        )
-
-    def _mlm(self, hidden: torch.Tensor, flat_labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """MLM loss/accuracy from (N, H) hidden states and (N,) labels."""
-        if self.sparse_mlm_head:
-            # One host sync (nonzero): the price of running the head on predicted rows only.
-            rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-            hidden, flat_labels = hidden.index_select(0, rows), flat_labels.index_select(0, rows)
-        logits = self.cls.predictions(hidden).float()
-        return _ce_stats(logits, flat_labels)
-
-    def _encode_packed(
-        self,
-        input_ids: torch.Tensor,
-        token_type_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        position_ids: torch.Tensor | None,
-        cu_seqlens: torch.Tensor | None,
-        indices: torch.Tensor | None,
-        max_seqlen: int | torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the encoder on the real tokens only, as one packed (1, T) sequence."""
-        device = input_ids.device
-        width = input_ids.shape[1]
-        if indices is None or cu_seqlens is None or max_seqlen is None:
-            lengths = attention_mask.sum(1, dtype=torch.int32)
-            indices = attention_mask.reshape(-1).nonzero().squeeze(1)
-            cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-            max_seqlen = lengths.max()
-        indices = indices.to(device=device, dtype=torch.long, non_blocking=True)
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
-        max_seqlen = int(max_seqlen)
-        if position_ids is None:
-            positions = indices % width  # right padding: a row's tokens sit at columns 0..len-1
-        else:
-            positions = position_ids.expand_as(input_ids).reshape(-1).index_select(0, indices)
-        out = self.bert(
-            input_ids=input_ids.reshape(-1).index_select(0, indices)[None],
-            token_type_ids=token_type_ids.reshape(-1).index_select(0, indices)[None],
-            position_ids=positions[None],
-            attention_mask=None,
-            cu_seq_lens_q=cu_seqlens,
-            cu_seq_lens_k=cu_seqlens,
-            max_length_q=max_seqlen,
-            max_length_k=max_seqlen,
-            return_dict=True,
-        )
-        hidden = out.last_hidden_state[0]  # (T, H)
-        first = cu_seqlens[:-1].long()  # each sample's [CLS] row
-        pooled = self.bert.pooler(hidden.index_select(0, first)[:, None]) if self.nsp else None
-        return hidden, labels.reshape(-1).index_select(0, indices), pooled
-
-
-def _worth_packing(input_ids: torch.Tensor, attention_mask: torch.Tensor, indices: torch.Tensor | None) -> bool:
-    """Always on GPUs; on CPU only when pads are at least ``CPU_MIN_PAD_SHARE`` of the micro-batch."""
-    if input_ids.device.type != "cpu":
-        return True
-    real = indices.numel() if indices is not None else int(attention_mask.sum())
-    return 1.0 - real / max(input_ids.numel(), 1) >= CPU_MIN_PAD_SHARE
-
-
-def _ce_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean CE over non-ignored targets, 0 if none; #correct; #counted) without host syncs."""
-    valid = target != IGNORE_INDEX
-    count = valid.sum()
-    total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
-    loss = total / count.clamp(min=1)
-    correct = ((logits.detach().argmax(-1) == target) & valid).sum()
-    return loss, correct, count
-
-
 def new_bert_for_pretraining(config: BertConfig) -> BertForPreTraining:
-    """A freshly initialised ``BertForPreTraining``; under ZeRO-3 one that no rank ever holds whole.
-
-    Inside ``engine.model_build_context`` with ZeRO-3 (transformers then reports
-    ``is_deepspeed_zero3_enabled()``), transformers builds it within ``deepspeed.zero.Init``: each
-    parameter is partitioned as its module is created, and rank 0 initialises one module at a time
-    on gathered parameters. Elsewhere it is built whole. Both paths skip torch's default init and
-    draw HF's ``_init_weights`` in the same module order, so a seed gives the same weights under
-    every ZeRO stage (ZeRO-2 and ZeRO-3 runs stay comparable)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        return BertForPreTraining._from_config(config)
-    with no_init_weights():
-        model = BertForPreTraining(config)
-    model.init_weights()  # HF's init, then the decoder is tied to the word embeddings
-    return model
+    """A freshly initialised ``BertForPreTraining`` (:func:`new_model` of a ``BertConfig``)."""
+    return A.new_model(config)
 
 
-def planned_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> BertConfig:
-    """The ``BertConfig`` :func:`build_pretrainer` will use, known before any weight exists (the
-    ZeRO-3 build context is sized from it)."""
+def _arch_name(model_cfg: ModelConfig) -> str:
+    return model_cfg.arch or "bert"
+
+
+def planned_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int,
+                   special_ids: Optional[dict[str, int]] = None) -> PretrainedConfig:
+    """The config :func:`build_pretrainer` will use, known before any weight exists (the ZeRO-3
+    build context is sized from it): ``model.init_from``'s own, or a fresh ``model.arch`` one."""
     if model_cfg.init_from:
-        return BertConfig.from_pretrained(model_cfg.init_from)
-    return bert_config(model_cfg, vocab_size, pad_token_id)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model_cfg.init_from)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.init_from: {model_cfg.init_from}: not a Hugging Face model directory "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        found = A.MODEL_TYPES.get(config.model_type, config.model_type)
+        if model_cfg.arch and found != model_cfg.arch:
+            raise ConfigError(f"model.arch={model_cfg.arch} contradicts model.init_from ({model_cfg.init_from} "
+                              f"holds a {config.model_type} model); leave model.arch unset with init_from")
+        return config
+    return scratch_config(model_cfg, vocab_size, {**(special_ids or {}), "pad": pad_token_id})
 
 
-def build_pretrainer(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int, nsp: bool) -> BertPretrainer:
-    """A fresh model from the config, or ``model.init_from`` (an HF model directory) when set."""
+def check_model_fits(config: PretrainedConfig, nsp: bool, max_seq_len: int, specials: dict[str, int],
+                     vocab_size: int) -> None:
+    """Refuse, before anything is written, a model that cannot train on this corpus as configured:
+    NSP without an NSP head, sequences longer than its position table, a vocabulary or padding id
+    that is not the tokenizer's (docs/design.md, guarantee 7)."""
+    arch = A.arch_of(config)
+    if arch is not None:
+        A.check_objective(arch.name, nsp)
+    elif nsp:
+        raise ConfigError(f"data.nsp=true: a {config.model_type} model has no next-sentence head; set data.nsp=false")
+    longest = A.max_tokens(config)
+    if longest is not None and max_seq_len > longest:
+        raise ConfigError(f"data.max_seq_len={max_seq_len} exceeds the model's {longest} positions "
+                          f"(max_position_embeddings={config.max_position_embeddings})")
+    if vocab_size > config.vocab_size:
+        raise ConfigError(f"the model has vocab_size {config.vocab_size}, the corpus tokenizer has {vocab_size} "
+                          "tokens: tokenizer and model do not belong together")
+    pad = getattr(config, "pad_token_id", None)
+    if pad is not None and "pad" in specials and pad != specials["pad"]:
+        raise ConfigError(f"the model's pad_token_id is {pad}, the corpus tokenizer's pad token is "
+                          f"{specials['pad']}: tokenizer and model do not belong together")
+
+
+def build_pretrainer(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int, nsp: bool,
+                     special_ids: Optional[dict[str, int]] = None) -> MaskedLMPretrainer:
+    """A fresh ``model.arch`` model from the config, or ``model.init_from`` (an HF model directory
+    with a masked-LM head: BERT, RoBERTa / XLM-R, DistilBERT, ModernBERT, ...) when set."""
     kwargs = {"nsp": nsp, "sparse_mlm_head": model_cfg.sparse_mlm_head, "unpad": model_cfg.unpad}
+    config = planned_config(model_cfg, vocab_size, pad_token_id, special_ids)
     if not model_cfg.init_from:
-        return BertPretrainer.from_config(bert_config(model_cfg, vocab_size, pad_token_id), **kwargs)
-    hf = BertForPreTraining.from_pretrained(
-        model_cfg.init_from,
-        attn_implementation=model_cfg.attn_implementation or "sdpa",
-        hidden_dropout_prob=model_cfg.hidden_dropout_prob,
-        attention_probs_dropout_prob=model_cfg.attention_probs_dropout_prob,
-    )
-    if hf.config.vocab_size != vocab_size:
+        A.check_objective(_arch_name(model_cfg), nsp)
+        return MaskedLMPretrainer.from_config(config, **kwargs)
+    cls = A.model_class(config)
+    hf = cls.from_pretrained(model_cfg.init_from, attn_implementation=model_cfg.attn_implementation or "sdpa",
+                             **A.dropout_overrides(config, model_cfg))
+    # ModernBERT checkpoints pad the embedding table past the tokenizer (50368 rows for 50283 tokens)
+    padded_ok = config.model_type == "modernbert" and hf.config.vocab_size > vocab_size
+    if hf.config.vocab_size != vocab_size and not padded_ok:
         raise ConfigError(
             f"model.init_from: {model_cfg.init_from} has vocab_size {hf.config.vocab_size}, "
             f"the corpus tokenizer has {vocab_size}"
         )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        want = getattr(model_cfg, key)
-        if want is not None and want != getattr(hf.config, key):
-            raise ConfigError(f"model.{key}={want} contradicts model.init_from ({key}={getattr(hf.config, key)})")
-    return BertPretrainer(hf, **kwargs)
+        want, have = getattr(model_cfg, key), getattr(hf.config, key, None)
+        if want is not None and have is not None and want != have:  # DistilBERT has no intermediate_size
+            raise ConfigError(f"model.{key}={want} contradicts model.init_from ({key}={have})")
+    return MaskedLMPretrainer(hf, **kwargs)
 
 
 # --------------------------------------------------------------------------- accounting
@@ -402,8 +204,11 @@ def flops_per_token(config: BertConfig, seq_len: float, masked_fraction: float, 
     Embedding lookups, biases, LayerNorm, softmax and GELU are not matmuls and are left out (the
     usual MFU convention). Count real tokens only; with variable lengths pass the token-weighted
     mean length ``S = Σl² / Σl`` (see :func:`effective_seq_len`), so attention is counted per sample.
+    I is the width that makes the FFN 2HI weights (architectures.ffn_width: DistilBERT's
+    ``hidden_dim``, 1.5 × ModernBERT's gated ``intermediate_size``). ModernBERT's sliding-window
+    layers attend to fewer than S tokens: for it the attention term is an upper bound.
     """
-    h, layers, ffn, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    h, layers, ffn, vocab = config.hidden_size, config.num_hidden_layers, A.ffn_width(config), config.vocab_size
     flops = 6.0 * layers * (4 * h * h + 2 * h * ffn) + 12.0 * layers * h * seq_len
     flops += 6.0 * masked_fraction * (h * h + h * vocab)
     if nsp:

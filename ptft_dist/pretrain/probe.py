@@ -32,31 +32,46 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
 
 def probe_batch(config: Any, n: int = 4, seq: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A deterministic batch with padding and both segments: enough to exercise every weight."""
+    """A deterministic batch with padding (and both segments, for a model with token types): enough
+    to exercise every weight."""
     g = torch.Generator().manual_seed(seed)
-    seq = min(seq, int(getattr(config, "max_position_embeddings", seq)))
+    table = getattr(config, "max_position_embeddings", None)
+    if table is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+        table -= int(config.pad_token_id) + 1  # RoBERTa's positions start after the padding index
+    seq = min(seq, int(table)) if table else seq
     ids = torch.randint(5, config.vocab_size, (n, seq), generator=g)
     mask = torch.ones(n, seq, dtype=torch.long)
     mask[1, seq // 2 :] = 0
-    types = torch.zeros(n, seq, dtype=torch.long)
-    types[:, seq // 2 :] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if getattr(config, "model_type", "") == "bert" and getattr(config, "type_vocab_size", 0) >= 2:
+        types = torch.zeros(n, seq, dtype=torch.long)
+        types[:, seq // 2 :] = 1
+        batch["token_type_ids"] = types
+    return batch
 
 
 def logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MLM, NSP) logits of a ``BertForPreTraining`` in eval mode, as fp32 CPU tensors."""
+    """(MLM, NSP) logits of a ``BertForPreTraining`` or ``*ForMaskedLM`` in eval mode, as fp32 CPU
+    tensors; a model without an NSP head gives an empty (n, 0) NSP tensor."""
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
         out = model(**{k: v.to(device) for k, v in batch.items()})
-    return out.prediction_logits.float().cpu(), out.seq_relationship_logits.float().cpu()
+    if hasattr(out, "prediction_logits"):
+        return out.prediction_logits.float().cpu(), out.seq_relationship_logits.float().cpu()
+    return out.logits.float().cpu(), torch.zeros(out.logits.shape[0], 0)
+
+
+def max_abs(t: torch.Tensor) -> float:
+    """``max |t|``; 0 for an empty tensor (no NSP head)."""
+    return float(t.abs().max()) if t.numel() else 0.0
 
 
 def relative_error(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], batch: dict) -> float:
     """``max |a − b| / max |b|`` over unpadded MLM positions and the NSP logits (``b``: the reference)."""
     mask = batch["attention_mask"].bool()
-    diff = max(float((a[0][mask] - b[0][mask]).abs().max()), float((a[1] - b[1]).abs().max()))
-    scale = max(float(b[0][mask].abs().max()), float(b[1].abs().max()), 1e-12)
+    diff = max(max_abs(a[0][mask] - b[0][mask]), max_abs(a[1] - b[1]))
+    scale = max(max_abs(b[0][mask]), max_abs(b[1]), 1e-12)
     return diff / scale
 
 

@@ -56,7 +56,7 @@ import numpy as np
 
 from ptft_dist.config import DataConfig
 from ptft_dist.corpus.format import CorpusError, Manifest, ShardData, load_manifest
-from ptft_dist.corpus.tokenizer import check_tokenizer, load_vocab
+from ptft_dist.corpus.tokenizer import check_tokenizer, load_vocab, word_boundary_rule
 from ptft_dist.fsutil import write_bytes_atomic
 from ptft_dist.stream.keys import sample_keys, shard_key
 from ptft_dist.stream.masking import IGNORE_INDEX, continuation_flags, mask_batch, random_token_ids
@@ -159,8 +159,13 @@ class PretrainingStream(IterableDataset):
         self.random_ids = random_token_ids(self.manifest.vocab_size, self.specials)
         self.is_continuation: Optional[np.ndarray] = None
         if self.spec.whole_word_mask:
+            rule = word_boundary_rule(self.corpus, cfg.storage_options)
+            if rule is None:
+                raise CorpusError(f"data.whole_word_mask=true: the tokenizer of {self.corpus} marks neither word "
+                                  "starts (Ġ, ▁) nor continuations (##); whole words cannot be found: set "
+                                  "data.whole_word_mask=false")
             vocab = load_vocab(self.corpus, cfg.storage_options)
-            self.is_continuation = continuation_flags(vocab, self.manifest.vocab_size)
+            self.is_continuation = continuation_flags(vocab, self.manifest.vocab_size, *rule)
         self.cache = cache or ShardCache(
             self.corpus,
             cache_dir=cfg.cache_dir,

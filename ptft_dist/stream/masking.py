@@ -1,8 +1,9 @@
 """Dynamic MLM masking of a padded batch, the BERT recipe made a pure function of the sample keys.
 
 ``round(p * candidates)`` positions per sequence (at least one), chosen uniformly among
-non-special tokens (or among whole words: a ``##`` piece is masked with its word); 80% become
-``[MASK]``, 10% a random non-special token, 10% stay unchanged. Labels hold the original id at the
+non-special tokens (or among whole words: a ``##`` piece, or a BPE / SentencePiece piece without
+its ``Ġ`` / ``▁`` word-start marker, is masked with its word); 80% become ``[MASK]`` (the
+tokenizer's mask token), 10% a random non-special token, 10% stay unchanged. Labels hold the original id at the
 chosen positions and :data:`IGNORE_INDEX` elsewhere. Every choice is a hash of (sample key,
 position in the sample), never of the batch or its padding (docs/design.md, guarantee 1).
 """
@@ -31,7 +32,8 @@ def mask_batch(
     """Dynamic MLM masking of a padded batch in place; returns labels (-100 where not predicted).
 
     ``random_ids``: the ids a "random token" replacement draws from (the non-special vocabulary).
-    ``is_continuation[v]``: True for WordPiece ``##`` pieces (needed for whole-word masking).
+    ``is_continuation[v]``: True for pieces that continue a word (:func:`continuation_flags`;
+    needed for whole-word masking).
     Randomness depends only on (key, position in the sample), never on the batch or its padding.
     """
     B, L = input_ids.shape
@@ -99,10 +101,20 @@ def random_token_ids(vocab_size: int, specials: SpecialIds, extra_special: Optio
     return np.nonzero(ok)[0].astype(np.int64)
 
 
-def continuation_flags(vocab: list[str], vocab_size: int) -> np.ndarray:
-    """``flags[id]`` = token ``id`` is a WordPiece continuation piece (``##...``)."""
+def continuation_flags(vocab: list[str], vocab_size: int, marker: str = "##", marks_start: bool = False) -> np.ndarray:
+    """``flags[id]`` = token ``id`` continues the word before it.
+
+    WordPiece (``marker="##"``, ``marks_start=False``): the ``##...`` pieces. Byte-level BPE
+    (``"Ġ"``) and Metaspace/SentencePiece (``"▁"``) mark word *starts* (``marks_start=True``): every
+    piece without the marker continues a word (punctuation glued to a word included, as in HF's
+    offset-based grouping). A sequence's first piece after [CLS]/<s> starts a word either way:
+    special tokens are never candidates (see :func:`mask_batch`)."""
     flags = np.zeros(max(vocab_size, len(vocab)), dtype=bool)
     for i, tok in enumerate(vocab):
-        if tok is not None and tok.startswith("##") and len(tok) > 2:
+        if not tok:
+            continue
+        if marks_start:
+            flags[i] = not tok.startswith(marker)
+        elif tok.startswith(marker) and len(tok) > len(marker):
             flags[i] = True
     return flags

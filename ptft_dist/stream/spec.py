@@ -18,6 +18,7 @@ class SpecialIds:
     sep: int
     mask: int
     unk: int = -1
+    extra: tuple[int, ...] = ()  # the tokenizer's other special tokens (never masked, never a random pick)
 
     @classmethod
     def from_manifest(cls, special_tokens: dict) -> SpecialIds:
@@ -30,10 +31,13 @@ class SpecialIds:
                 raise KeyError(f"special token '{names[0]}' missing from manifest (has: {sorted(special_tokens)})")
             return default
 
-        return cls(pad=get("pad"), cls=get("cls"), sep=get("sep"), mask=get("mask"), unk=get("unk", default=-1))
+        ids = cls(pad=get("pad"), cls=get("cls"), sep=get("sep"), mask=get("mask"), unk=get("unk", default=-1))
+        roles = set(ids.all())
+        extra = tuple(sorted({int(v) for v in special_tokens.values()} - roles))
+        return cls(ids.pad, ids.cls, ids.sep, ids.mask, ids.unk, extra)
 
     def all(self) -> list[int]:
-        return [i for i in (self.pad, self.cls, self.sep, self.mask, self.unk) if i >= 0]
+        return [i for i in (self.pad, self.cls, self.sep, self.mask, self.unk, *self.extra) if i >= 0]
 
 
 @dataclass(frozen=True)
