@@ -205,6 +205,12 @@ def _hidden_size(model: Optional[torch.nn.Module]) -> Optional[int]:
     return int(h) if isinstance(h, int) else None
 
 
+def zero3_live_parameters(hidden: int) -> int:
+    """ZeRO-3's bound on gathered parameters (and their reuse distance) that "auto" resolves to:
+    about two transformer layers (12·h² each). ``ptft plan`` models memory and traffic with it."""
+    return 24 * hidden * hidden
+
+
 def _fill_buckets(r: _Resolver, h: Optional[int], stage: int, is_cuda: bool) -> None:
     """Bucket sizes and overlap: HF's conventions for ZeRO-3 (a function of the hidden size ``h``)."""
     r.default("zero_optimization.overlap_comm", is_cuda)
@@ -215,8 +221,8 @@ def _fill_buckets(r: _Resolver, h: Optional[int], stage: int, is_cuda: bool) -> 
     # ZeRO-3 is chosen for memory: keep about two transformer layers (24·h² parameters) gathered, not
     # DeepSpeed's 1e9, with which every parameter stays gathered from its forward use to its backward
     # one (the whole model of any BERT, on every rank; measured: benchmarks/zero_memory.py).
-    r.default("zero_optimization.stage3_max_live_parameters", 24 * h * h if h else int(1e9))
-    r.default("zero_optimization.stage3_max_reuse_distance", 24 * h * h if h else int(1e9))
+    r.default("zero_optimization.stage3_max_live_parameters", zero3_live_parameters(h) if h else int(1e9))
+    r.default("zero_optimization.stage3_max_reuse_distance", zero3_live_parameters(h) if h else int(1e9))
 
 
 def resolve_deepspeed_config(cfg_train: TrainConfig, cfg_optim: OptimConfig, world_size: int,

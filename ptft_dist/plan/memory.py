@@ -13,9 +13,9 @@ stage     parameters              gradients                    optimizer
 2         wΨ (fp32: grads stay    fp32: wΨ (views of whole     4Ψ/n master + 8Ψ/n
           whole, DS 0.19)         param.grad) + 4Ψ/n; bf16:
                                   wΨ/n + 4Ψ/n
-3         wΨ/n + wΨ gathered      wΨ/n + 4Ψ/n                  4Ψ/n master + 8Ψ/n
-          (kept for backward:
-          reuse distance 1e9)
+3         wΨ/n + w·min(Ψ, 24h²)   wΨ/n + 4Ψ/n                  4Ψ/n master + 8Ψ/n
+          gathered (the live-
+          parameter bound)
 ========  ======================  ===========================  ==========================================
 
 Offload (``train.offload_optimizer``) moves the master copy, its gradients and the moments to host
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ptft_dist.engine.ds_config import zero3_live_parameters
 from ptft_dist.plan.hardware import GIB, GPU_RUNTIME_RESERVE_GIB
 from ptft_dist.plan.workload import Workload
 
@@ -56,8 +57,12 @@ MASTER_BYTES = 4  # an fp32 copy per parameter
 # CPU (glibc) measurements, 2 ranks, fp32, BERT h=512 L=4, seq 128, micro-batch 2/4/8:
 # RSS above baseline per micro-batch sample / the formula's bytes ...
 CPU_ACTIVATION_FACTOR = 1.5
-# ... and per stage, DeepSpeed's buffers beyond the states, in copies of the model (Ψ·4 bytes)
-CPU_BUFFER_COPIES = {0: 1.0, 1: 3.6, 2: 3.3, 3: 3.8}
+# ... and per stage, DeepSpeed's buffers beyond the states, in copies of the model (Ψ·4 bytes).
+# ZeRO-3 since the model is built partitioned (zero.Init), live parameters are bounded and freed
+# buffers go back to the OS (engine/deepspeed.py): measured 387 MiB (h=512 L=4 seq 128 mb 4) and
+# 462 MiB (h=384 L=6 seq 96 mb 6, the test's shape) would need 0.3 and 2.3 copies -- the model
+# misses a term that differs between them; 1.15 puts both within ±11% (+11%, -11%).
+CPU_BUFFER_COPIES = {0: 1.0, 1: 3.6, 2: 3.3, 3: 1.15}
 CPU_RUNTIME_BYTES = 30 * MIB  # process group, engine, loader: RSS above baseline that no model term explains
 
 
@@ -100,7 +105,8 @@ def _states(w: Workload, stage: int, ranks: int) -> tuple[float, float, float]:
         return q * w.params, q * t + MASTER_BYTES * t / n, optimizer
     if stage == 2:
         return q * w.params, q * t / n + MASTER_BYTES * t / n, optimizer
-    return q * w.params / n + q * w.params, q * t / n + MASTER_BYTES * t / n, optimizer
+    gathered = min(w.params, zero3_live_parameters(w.hidden))  # the live-parameter bound (engine/ds_config.py)
+    return q * w.params / n + q * gathered, q * t / n + MASTER_BYTES * t / n, optimizer
 
 
 def _offloaded(w: Workload, stage: int, ranks: int, offload_params: bool) -> float:

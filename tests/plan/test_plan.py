@@ -93,16 +93,27 @@ def test_communication_formulas():
     assert by_stage[0].wire_bytes == pytest.approx(2 * (n - 1) / n * psi * b)  # the data-parallel 2Ψ
     assert by_stage[1].by_op() == {"all_reduce": psi * b, "all_gather_into_tensor": psi * b / n}
     assert by_stage[2].by_op()["all_reduce"] == 4 * psi * b  # ZeRO-2 reduces every micro-batch
-    assert by_stage[3].wire_bytes == pytest.approx(4 * 2 * (n - 1) / n * psi * b)  # gather once + reduce-scatter
+    passes = 1 + comms.zero3_regathered_params(w) / w.params  # gathered once, part of it again for backward
+    assert by_stage[3].wire_bytes == pytest.approx(4 * (passes + 1) * (n - 1) / n * psi * b)  # + reduce-scatter
     assert comms.comm_plan(w, 2, 1, 4).collectives == []
 
 
-def test_zero3_regathers_for_backward_when_parameters_exceed_the_reuse_distance(monkeypatch):
-    cfg = load_config(None, ["model.preset=small", "prepare.tokenizer.vocab_size=1000"])
+def test_zero3_regathers_for_backward_what_lies_beyond_the_reuse_distance(monkeypatch):
+    """The reuse distance (engine/ds_config.py: 24h², two layers) decides: the embeddings and every
+    layer with two or more layers after it are gathered again; a huge distance keeps all (the 2Ψ
+    case), a tiny one re-gathers all but the last layer and the head (towards the paper's 3Ψ)."""
+    cfg = load_config(None, ["model.preset=small", "prepare.tokenizer.vocab_size=1000", "model.num_hidden_layers=6"])
     w = build_workload(cfg, "h100")
-    monkeypatch.setattr(comms, "ZERO3_REUSE_DISTANCE", w.params - 1)
+    h, i = w.hidden, w.intermediate
+    layer = 4 * h * h + 2 * h * i + 9 * h + 2 * i
+    embeddings = w.params - w.layers * layer - 2 * h * h
+    assert comms.zero3_regathered_params(w) == pytest.approx(embeddings + 4 * layer)  # layers 0-3 of 0-5
+    monkeypatch.setattr(comms, "zero3_live_parameters", lambda hidden: 10**12)
+    assert comms.zero3_regathered_params(w) == pytest.approx(embeddings)
+    monkeypatch.setattr(comms, "zero3_live_parameters", lambda hidden: 1)
+    assert comms.zero3_regathered_params(w) == pytest.approx(embeddings + 5 * layer)
     plan = comms.comm_plan(w, 3, 64, grad_accum=1)
-    assert plan.wire_bytes == pytest.approx(3 * 63 / 64 * w.params * 2, rel=1e-3)  # ZeRO paper's 3Ψ
+    assert plan.wire_bytes == pytest.approx((2 + (embeddings + 5 * layer) / w.params) * 63 / 64 * w.params * 2)
 
 
 def test_memory_fit_is_the_largest_micro_batch():
