@@ -215,7 +215,7 @@ class FinetuneConfig:
     tokens_column: str = "tokens"  # JSONL: the list of words
     tags_column: str = "tags"  # JSONL: the list of tags, one per word
     conll_token_column: int = 0  # CoNLL: column of the word (0-based)
-    conll_tag_column: int = -1  # CoNLL: column of the tag (-1 = last)
+    conll_tag_column: int = -1  # CoNLL: column of the tag (0-based; -1 = the last)
     tag_scheme: Literal["auto", "IOB2", "BIO", "IOBES"] = "auto"  # auto: IOBES if any E-/S- tag, else IOB2 (= BIO)
     label_subwords: Literal["first", "all"] = "first"  # label the first piece of a word only, or every piece
     # extractive_qa: SQuAD v1.1/v2.0 JSON or JSONL with context, question, answers {text, answer_start}

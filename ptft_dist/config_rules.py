@@ -154,6 +154,8 @@ RANGES: dict[str, Range] = {
     "finetune.early_stopping_patience": AT_LEAST_0,
     "finetune.checkpoint_every": AT_LEAST_0,
     "finetune.doc_stride": AT_LEAST_0,
+    "finetune.conll_token_column": AT_LEAST_0,
+    "finetune.conll_tag_column": Range(lo=-1),  # -1 = the last column, else 0-based
     "finetune.max_answer_length": AT_LEAST_1,
     "finetune.n_best": AT_LEAST_1,
 }
