@@ -275,8 +275,10 @@ def test_bertmodel_dir_loads_with_its_encoder_weights(assets, tmp_path):
     saved = load_file(str(d / "model.safetensors"))
     model = build_model(d, ["neg", "pos"], FinetuneConfig(method="lora"), seed=0)
     params = dict(model.named_parameters())
-    emb = params["base_model.model.bert.embeddings.word_embeddings.weight"]
+    # the word embeddings carry a LoRA adapter by default: their frozen base weight sits under base_layer
+    emb = params["base_model.model.bert.embeddings.word_embeddings.base_layer.weight"]
     assert torch.equal(emb, saved["embeddings.word_embeddings.weight"])
+    assert params["base_model.model.bert.embeddings.word_embeddings.lora_embedding_A.default"].requires_grad
     pooler = params["base_model.model.bert.pooler.modules_to_save.default.dense.weight"]
     assert pooler.requires_grad and torch.equal(pooler, saved["pooler.dense.weight"])
     assert not emb.requires_grad
