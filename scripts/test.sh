@@ -13,4 +13,9 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ptft/torch_exte
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
 .venv/bin/python scripts/build_ds_ops.py 2>&1 | grep -v "^\[20" | tail -2
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# the "extended" tests (compile, the GPU benchmark's CPU smoke run, the MiniLM learning check, the
+# DistilBERT/ModernBERT continued-pretraining chains) take ~20 min more than the 45-min CI budget allows
+if [[ ${PTFT_EXTENDED:-0} == 1 ]]; then
+  exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -m "not extended" "$@"

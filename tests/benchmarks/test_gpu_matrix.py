@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_gpu_matrix_smoke_runs_every_variant(tmp_path):
     out = tmp_path / "matrix.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "pretrain_throughput.py"), "--gpu", "--smoke-cpu",

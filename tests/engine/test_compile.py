@@ -20,6 +20,7 @@ JOB = ROOT / "tests" / "dist_scripts" / "compile_job.py"
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_compiled_losses_equal_eager(tmp_path):
     out = tmp_path / "compile.json"
     p = subprocess.run([sys.executable, str(JOB), str(out), "3"], env=job_env(), cwd=str(ROOT),

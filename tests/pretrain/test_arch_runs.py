@@ -113,7 +113,8 @@ def _finetune(export: Path, tmp: Path) -> dict:
 # is test_continued_learning.py's; a fifth chain here cost CI minutes for no new path. XLM-R is RoBERTa's
 # model code with a Unigram tokenizer: its tokenizer path is tests/corpus/test_model_tokenizers.py's, its
 # sparse head and packing tests/pretrain/test_architectures.py's.
-@pytest.mark.parametrize("model_type", ["roberta", "distilbert", "modernbert"])
+@pytest.mark.parametrize("model_type", ["roberta", pytest.param("distilbert", marks=pytest.mark.extended),
+                                        pytest.param("modernbert", marks=pytest.mark.extended)])
 def test_continued_pretraining_chain_zero2(model_type, tmp_path):
     model, corpus = _prepared(tmp_path, model_type)
     overrides = [f"model.init_from={model}", *MLM, "train.zero_stage=2"]

@@ -16,7 +16,7 @@ from ptft_dist.cli import main
 from ptft_dist.demo.data import fetch_demo_data
 from tests.pretrain.test_pretrain import ROOT, _env
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 STEPS, EVERY = 24, 4
 MIN_DROP = 0.05  # relative drop of the held-out MLM loss from the first to the last evaluation
 
