@@ -22,21 +22,6 @@ from tests.bad_inputs.cli_runs import PY, ROOT, env
 from tests.bad_inputs.refusal import accepted, refused, snapshot
 
 
-@pytest.fixture(scope="session")
-def corpus_a(tmp_path_factory) -> Path:
-    return runs.corpus_a(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def corpus_b(tmp_path_factory) -> Path:
-    return runs.corpus_b(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Path:
-    return runs.trained_run(tmp_path_factory)
-
-
 @pytest.fixture()
 def run_copy(trained, tmp_path) -> Path:
     return runs.copy_run(trained, tmp_path / "run")

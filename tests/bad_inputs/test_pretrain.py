@@ -19,22 +19,6 @@ from tests.bad_inputs.cli_runs import ok, pretrain, ptft, refused_proc
 from tests.bad_inputs.refusal import snapshot
 from tests.corpus_factory import make_corpus
 
-
-@pytest.fixture(scope="session")
-def corpus_a(tmp_path_factory) -> Path:
-    return runs.corpus_a(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def corpus_b(tmp_path_factory) -> Path:
-    return runs.corpus_b(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Path:
-    return runs.trained_run(tmp_path_factory)
-
-
 # --------------------------------------------------------------------------- checks before any write
 
 
