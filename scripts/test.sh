@@ -16,6 +16,6 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the "extended" tests (compile, the GPU benchmark's CPU smoke run, the MiniLM learning check, the
 # DistilBERT/ModernBERT continued-pretraining chains) take ~20 min more than the 45-min CI budget allows
 if [[ ${PTFT_EXTENDED:-0} == 1 ]]; then
-  exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+  exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=40 "$@"
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -m "not extended" "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=40 -m "not extended" "$@"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ptft_dist.engine.ds_config import zero3_live_parameters
 from tests.corpus_factory import make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,11 @@ def test_installed_package_pretrains_from_another_directory(installed, tmp_path)
     ds = json.loads((run_dir / "ds_config.json").read_text())
     shipped = json.loads((Path(template_dir) / "zero3.json").read_text())["zero_optimization"]
     assert ds["zero_optimization"]["stage"] == 3
-    assert ds["zero_optimization"]["stage3_max_live_parameters"] == shipped["stage3_max_live_parameters"]
+    # the installed template's "auto" was filled from this run's model (hidden 32), not a repository copy
+    assert shipped["stage3_max_live_parameters"] == "auto"
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == zero3_live_parameters(32)
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is shipped[
+        "stage3_gather_16bit_weights_on_model_save"]
 
     demo = subprocess.run([py, "-m", "ptft_dist.cli", "demo", "--quick", "-o", str(tmp_path / "demo")],
                           cwd=elsewhere, env=_env(), capture_output=True, text=True, timeout=300)
