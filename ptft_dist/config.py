@@ -226,10 +226,11 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
-    # every Linear layer and the word embeddings: without the embeddings LoRA barely moves a weak encoder
-    # (demo tiny model, Rotten Tomatoes: test MCC 0.09-0.14 without them, 0.43-0.44 with; docs/finetuning.md)
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["query", "key", "value", "dense", "word_embeddings"])
+    # [] = every attention and feed-forward Linear layer and the word embeddings, under the
+    # architecture's own names (finetune/model.py LORA_DEFAULT_TARGETS; BERT: query, key, value, dense,
+    # word_embeddings). Without the embeddings LoRA barely moves a weak encoder (demo tiny model,
+    # Rotten Tomatoes: test MCC 0.09-0.14 without them, 0.43-0.44 with; docs/finetuning.md)
+    lora_target_modules: list[str] = field(default_factory=list)
     epochs: int = 3
     lr: float = 2e-5
     lora_lr: float = 0.0  # peak lr when method=lora (0 = use lr); adapters want ~10x a full fine-tune's

@@ -54,6 +54,14 @@ HEAD_PREFIXES = ("classifier.", "pre_classifier.", "score.", "qa_outputs.", "ber
 ARCH_TASKS = {"ForTokenClassification": "token_classification", "ForQuestionAnswering": "extractive_qa"}
 # the encoders `ptft pretrain` trains and exports (pretrain/architectures.py), by config.model_type
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
+# LoRA's default targets (finetune.lora_target_modules: []): the same parts of every encoder -- the
+# attention projections, the feed-forward layers and the word embeddings -- under each one's names
+_BERT_LAYERS = ("query", "key", "value", "dense", "word_embeddings")
+LORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": _BERT_LAYERS, "roberta": _BERT_LAYERS, "xlm-roberta": _BERT_LAYERS,
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2", "word_embeddings"),
+    "modernbert": ("Wqkv", "Wo", "Wi", "tok_embeddings"),
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -132,15 +140,32 @@ def load_tokenizer(tok_dir: str | Path, model_config: Any) -> Any:
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding)  # peft adapts both (an embedding: A is vocab x r)
 
 
-def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
-    """Full names of the Linear (or Embedding) layers whose last name is in ``names``, outside the
-    modules saved whole (the pooler's ``dense`` is trained fully, not through LoRA)."""
-    wanted = set(names)
+def head_modules(model: torch.nn.Module, task_type: str) -> list[str]:
+    """The modules LoRA trains whole: the task's new head, and the layers an architecture puts between
+    encoder and head (DistilBERT's ``pre_classifier``, ModernBERT's ``head``): every top-level module
+    with weights beside the encoder, and BERT's pooler."""
+    encoder = getattr(model, "base_model_prefix", "")
+    extra = [name for name, child in model.named_children()
+             if name != encoder and any(True for _ in child.parameters())]
+    poolers = {n.split(".")[-1] for n, _ in model.named_modules()} & {"pooler"} & set(HEADS[task_type][2])
+    return sorted(poolers | set(extra))
+
+
+def lora_targets(model: torch.nn.Module, names: Sequence[str], task_type: str = "classification") -> list[str]:
+    """Full names of the Linear (or Embedding) layers whose last name is in ``names`` (empty: the
+    architecture's defaults, ``LORA_DEFAULT_TARGETS``), outside the modules trained whole (the
+    pooler's ``dense`` is trained fully, not through LoRA)."""
+    if not names:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in LORA_DEFAULT_TARGETS:
+            raise FinetuneError(f"finetune.lora_target_modules: no default for model_type {model_type!r}; "
+                                f"name the layers to adapt")
+        names = LORA_DEFAULT_TARGETS[model_type]
+    wanted, whole = set(names), set(head_modules(model, task_type))
     out = []
     for full, module in model.named_modules():
         parts = full.split(".")
-        if (isinstance(module, LORA_LAYERS) and parts[-1] in wanted
-                and not any(p in MODULES_TO_SAVE for p in parts)):
+        if isinstance(module, LORA_LAYERS) and parts[-1] in wanted and not any(p in whole for p in parts):
             out.append(full)
     if not out:
         layers = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)})
@@ -198,10 +223,11 @@ def build_model(model_dir: str | Path, label_names: Sequence[str], cfg: Finetune
 def wrap_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    _, peft_task, head = HEADS[cfg.task_type]
+    peft_task = HEADS[cfg.task_type][1]
     lcfg = LoraConfig(task_type=getattr(TaskType, peft_task), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=lora_targets(model, cfg.lora_target_modules),
-                      modules_to_save=list(head))
+                      lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_targets(model, cfg.lora_target_modules, cfg.task_type),
+                      modules_to_save=head_modules(model, cfg.task_type))
     with _quiet_transformers():
         return get_peft_model(model, lcfg)
 
