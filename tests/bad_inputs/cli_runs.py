@@ -4,10 +4,11 @@ Shared by the pretrain / convert / finetune bad-input tests; ``refusal.py`` hold
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.dist_scripts.common import cli_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -20,14 +21,8 @@ TINY_PRETRAIN = [
 ]
 
 
-def env() -> dict:
-    out = dict(os.environ)
-    out.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    out.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        out.pop(k, None)
-    return out
+env = cli_env
+
 
 
 def ptft(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

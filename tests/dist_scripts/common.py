@@ -76,6 +76,15 @@ def job_env(**extra: str) -> dict:
     return env
 
 
+def cli_env() -> dict:
+    """Environment for ``ptft`` run as a user runs it: a single process (no inherited rank variables),
+    offline, the project's prebuilt DeepSpeed ops."""
+    env = job_env(HF_HUB_OFFLINE="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
 def spawn_ranks(script: str | Path, args: list[str], nproc: int, log_dir: Path, **extra: str):
     """Start ``nproc`` ranks directly (as srun would): RANK/WORLD_SIZE/MASTER_* in the environment.
     Returns the Popen objects (their pids are the ranks' pids)."""

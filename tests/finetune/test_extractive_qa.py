@@ -26,6 +26,7 @@ from ptft_dist.finetune.batches import Encoded
 from ptft_dist.finetune.qa_data import QASplit, encode_qa, load_qa_splits, read_qa_file
 from ptft_dist.finetune.qa_postprocess import answers, qa_metrics, tune_null_threshold
 from ptft_dist.finetune.squad_metric import best_over_golds, exact_match, f1, normalize_answer
+from tests.bad_inputs.refusal import refused
 from tests.finetune.task_factory import qa_examples, train_tokenizer, write_qa_jsonl, write_squad_json
 from tests.finetune.test_finetune import run_finetune, tiny_model
 
@@ -208,8 +209,6 @@ def test_evaluate_and_predict_through_the_cli(full_qa, qa, monkeypatch, capsys):
 
 @pytest.mark.parametrize("case", ["answer_start", "stride", "mismatch"])
 def test_bad_input_is_one_line(case, qa, tmp_path, capsys):
-    from ptft_dist.cli import main
-
     if case == "answer_start":
         ex = qa_examples(20, 9)
         ex[4]["answers"]["answer_start"][0] = 0
@@ -222,10 +221,7 @@ def test_bad_input_is_one_line(case, qa, tmp_path, capsys):
     data = yaml.safe_load(cfg.read_text())
     data["finetune"]["output_dir"] = str(tmp_path / "out")
     cfg.write_text(yaml.safe_dump(data))
-    capsys.readouterr()
-    assert main(["finetune", "--config", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ptft: error:") and expect in err[0], err
+    assert expect in refused(capsys, "finetune", "--config", cfg)
     assert not (tmp_path / "out").exists()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import yaml
 
 from ptft_dist.config import FinetuneConfig, TokenizerConfig, load_config
 from ptft_dist.errors import UserError
+from tests.dist_scripts.common import cli_env
 
 ROOT = Path(__file__).resolve().parents[2]
 POS = ["good", "great", "excellent", "superb"]
@@ -92,14 +92,8 @@ def write_config(root: Path, name: str, **finetune) -> Path:
     return path
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+_env = cli_env
+
 
 
 def _port() -> int:

@@ -21,6 +21,7 @@ from ptft_dist.config import FinetuneConfig, load_config
 from ptft_dist.corpus.inputs import InputError
 from ptft_dist.finetune.token_classification import encode_words, entities, piece_labels, token_metrics
 from ptft_dist.finetune.token_data import TokenSplit, check_sentence, load_token_splits, read_conll
+from tests.bad_inputs.refusal import refused
 from tests.finetune.task_factory import write_conll, write_ner_jsonl
 from tests.finetune.test_finetune import run_finetune, tiny_model
 
@@ -206,8 +207,6 @@ def test_evaluate_and_predict_through_the_cli(full_ner, ner, monkeypatch, capsys
 
 @pytest.mark.parametrize("case", ["conll_columns", "task_mismatch", "scheme"])
 def test_bad_input_is_one_line(case, ner, tmp_path, capsys):
-    from ptft_dist.cli import main
-
     bad = tmp_path / "bad.conll"
     if case == "conll_columns":
         bad.write_text("a NN O\nb NN B-PER\nc B-PER\n")
@@ -221,10 +220,7 @@ def test_bad_input_is_one_line(case, ner, tmp_path, capsys):
     data = yaml.safe_load(cfg.read_text())
     data["finetune"]["output_dir"] = str(tmp_path / "out")
     cfg.write_text(yaml.safe_dump(data))
-    capsys.readouterr()
-    assert main(["finetune", "--config", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ptft: error:") and expect in err[0], err
+    assert expect in refused(capsys, "finetune", "--config", cfg)
     assert not (tmp_path / "out").exists()
 
 
