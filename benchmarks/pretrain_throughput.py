@@ -6,6 +6,11 @@ environment (threads), so each gets the machine alone:
 * **ptft**: the real code path, ``python -m ptft_dist.cli pretrain`` (one process, DeepSpeed
   backend; CPU: fp32, ZeRO-0 by default; ``--gpu``: bf16, ZeRO-2), streaming loader with dynamic
   masking and NSP pairs, sparse MLM head. Tokens/s are read from the run's ``metrics.jsonl``.
+With ``--arch roberta`` both sides train a RoBERTa-shaped encoder (``model.arch=roberta``), MLM only
+(``data.nsp=false``: one contiguous segment per sample): ptft's stream and sparse head against
+``Trainer`` + ``AutoModelForMaskedLM`` of the same ``RobertaConfig`` -- the continued-pretraining
+path of ``run_mlm.py``.
+
 * **HF**: ``Trainer`` + ``BertForPreTraining`` (same ``BertConfig``: same preset, vocabulary,
   attention implementation) + ``DataCollatorForLanguageModeling`` (mlm_probability 0.15, 80/10/10),
   fed the *same* NSP pairs ptft's stream builds, in the same order (``TextDatasetForNextSentencePrediction``-
@@ -41,6 +46,8 @@ Prints one JSON object; ``ratio`` = ptft tokens/s over HF tokens/s (target >= 1.
 
     python benchmarks/pretrain_throughput.py [--preset mini] [--steps 9] [--warmup-steps 3] [--out r.json]
     python benchmarks/pretrain_throughput.py --smoke             # tiny model, a few steps (~2 min)
+    python benchmarks/pretrain_throughput.py --arch roberta      # RoBERTa-shaped, MLM only, next to HF Trainer
+                                                                 # + AutoModelForMaskedLM (continued pretraining)
     python benchmarks/pretrain_throughput.py --gpu               # the GPU matrix (benchmarks/gpu_matrix.py):
                                                                  # BERT-base s128 + BERT-large s512, bf16, ZeRO-2,
                                                                  # padded/packed x eager/compiled, next to HF Trainer
@@ -102,6 +109,11 @@ class Setup:
     threads: int
     vocab_size: int
     model_overrides: dict
+    arch: str = "bert"  # bert: MLM + NSP; roberta: MLM only
+
+    @property
+    def nsp(self) -> bool:
+        return self.arch == "bert"
 
     @property
     def total_steps(self) -> int:
@@ -128,6 +140,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
                   args.steps or 9, 0, args.workers if args.workers is not None else 1, "cpu", "fp32",
                   0 if args.zero_stage is None else args.zero_stage, threads, args.vocab_size, {})
     # Log records at the end of warm-up and at the last step (and every log_every in between).
+    s.arch = args.arch
     s.log_every = args.log_every or s.warmup_steps
     s.steps = -(-s.steps // s.log_every) * s.log_every
     if s.warmup_steps % s.log_every:
@@ -152,20 +165,18 @@ def extract_features(corpus: Path, setup: Setup, out: Path, cache: Path) -> dict
     """ptft's micro-batches of the whole run (epoch 0, rank 0 of 1), unmasked, as HF features; and the
     FLOPs per real token of the measured steps: model (dense-equivalent) and executed by each side."""
 
-    from ptft_dist.config import DataConfig, ModelConfig
+    from ptft_dist.config import DataConfig
     from ptft_dist.corpus.format import load_manifest
-    from ptft_dist.pretrain.model import bert_config
     from ptft_dist.stream.dataset import PretrainingStream
 
-    cfg = DataConfig(corpus=str(corpus), max_seq_len=setup.seq_len, cache_dir=str(cache))
+    cfg = DataConfig(corpus=str(corpus), max_seq_len=setup.seq_len, cache_dir=str(cache), nsp=setup.nsp)
     ds = PretrainingStream(cfg=cfg, micro_batch_size=setup.micro_batch)
     n = ds.num_samples(0)
     need = setup.total_steps * setup.micro_batch
     if n < need:
         raise SystemExit(f"{corpus}: {n} samples in epoch 0, the run needs {need}; give a bigger --corpus")
     manifest = load_manifest(corpus)
-    bert = bert_config(ModelConfig(preset=setup.preset, **setup.model_overrides), manifest.vocab_size,
-                       manifest.special_tokens["pad"])
+    bert = model_config(setup, manifest)
     ids, types, offsets, nsp = [], [], [0], []
     flops = {"model": 0.0, "executed_ptft": 0.0, "executed_hf": 0.0}
     measured_tokens = 0
@@ -179,7 +190,7 @@ def extract_features(corpus: Path, setup: Setup, out: Path, cache: Path) -> dict
             offsets.append(offsets[-1] + int(lengths[i]))
             nsp.append(int(b["next_sentence_label"][i]))
         if step >= setup.warmup_steps:
-            for key, value in step_flops(bert, b, lengths).items():
+            for key, value in step_flops(bert, b, lengths, setup.nsp).items():
                 flops[key] += value
             measured_tokens += int(lengths.sum())
     np.savez(out, input_ids=np.concatenate(ids).astype(np.int32), token_type_ids=np.concatenate(types).astype(np.int8),
@@ -193,16 +204,26 @@ def extract_features(corpus: Path, setup: Setup, out: Path, cache: Path) -> dict
     }
 
 
-def bert_parameters(bert) -> int:
+def model_config(setup: Setup, manifest) -> Any:
+    """The encoder config both sides build: ``model.arch`` from scratch, as ``ptft pretrain`` makes it."""
+    from ptft_dist.config import ModelConfig
+    from ptft_dist.pretrain.model import scratch_config
+
+    return scratch_config(ModelConfig(preset=setup.preset, **setup.model_overrides), manifest.vocab_size,
+                          manifest.special_tokens, arch=setup.arch)
+
+
+def bert_parameters(config) -> int:
     """N of the 6·N convention: the model's parameters (tied decoder counted once)."""
     import torch
-    from transformers import BertForPreTraining
+
+    from ptft_dist.pretrain.architectures import new_model
 
     with torch.device("meta"):
-        return sum(p.numel() for p in BertForPreTraining(bert).parameters())
+        return sum(p.numel() for p in new_model(config).parameters())
 
 
-def step_flops(bert, b: dict, lengths: np.ndarray) -> dict[str, float]:
+def step_flops(bert, b: dict, lengths: np.ndarray, nsp: bool = True) -> dict[str, float]:
     """Training FLOPs of one micro-batch: the dense-equivalent model count, and what ptft and HF execute.
 
     ``flops_per_token(config, S, m, nsp)`` × T tokens = encoder on T tokens with attention span S, the
@@ -220,9 +241,9 @@ def step_flops(bert, b: dict, lengths: np.ndarray) -> dict[str, float]:
     hf_positions = len(lengths) * hf_len
     masked = int((b["labels"] != -100).sum())
     return {
-        "model": real * flops_per_token(bert, s_eff, 1.0, True),
-        "executed_ptft": ptft_positions * flops_per_token(bert, b["input_ids"].shape[1], masked / ptft_positions, True),
-        "executed_hf": hf_positions * flops_per_token(bert, hf_len, 1.0, True),
+        "model": real * flops_per_token(bert, s_eff, 1.0, nsp),
+        "executed_ptft": ptft_positions * flops_per_token(bert, b["input_ids"].shape[1], masked / ptft_positions, nsp),
+        "executed_hf": hf_positions * flops_per_token(bert, hf_len, 1.0, nsp),
     }
 
 
@@ -333,6 +354,7 @@ def run_ptft(setup: Setup, corpus: Path, work: Path, peak_tflops: float, timeout
     run_dir = work / f"ptft_run{tag}"
     overrides = [
         f"model.preset={setup.preset}", *[f"model.{k}={v}" for k, v in setup.model_overrides.items()],
+        *([] if setup.arch == "bert" else [f"model.arch={setup.arch}", "data.nsp=false"]),
         f"data.max_seq_len={setup.seq_len}", f"data.num_workers={setup.workers}", f"data.cache_dir={work / 'cache'}",
         f"train.micro_batch_size={setup.micro_batch}", f"train.max_steps={setup.total_steps}",
         f"train.log_every={setup.log_every}", "train.eval_every=0", "checkpoint.every=0",
@@ -396,9 +418,11 @@ def run_hf(setup: Setup, corpus: Path, features: Path, work: Path, timeout: floa
 
 
 def hf_worker(spec_path: str) -> None:
-    """Runs in the HF subprocess: Trainer + BertForPreTraining + DataCollatorForLanguageModeling."""
+    """Runs in the HF subprocess: Trainer + BertForPreTraining (``--arch roberta``: AutoModelForMaskedLM,
+    MLM only) + DataCollatorForLanguageModeling."""
     import torch
     from transformers import (
+        AutoModelForMaskedLM,
         BertForPreTraining,
         BertTokenizerFast,
         DataCollatorForLanguageModeling,
@@ -408,9 +432,7 @@ def hf_worker(spec_path: str) -> None:
         set_seed,
     )
 
-    from ptft_dist.config import ModelConfig
     from ptft_dist.corpus.format import load_manifest
-    from ptft_dist.pretrain.model import bert_config
 
     spec = json.loads(Path(spec_path).read_text())
     s = Setup(**spec["setup"])
@@ -426,13 +448,14 @@ def hf_worker(spec_path: str) -> None:
 
         def __getitem__(self, i: int) -> dict:
             a, b = int(off[i]), int(off[i + 1])
+            if not s.nsp:  # MLM only: one segment, no token types (RoBERTa has one type)
+                return {"input_ids": ids[a:b].tolist()}
             return {"input_ids": ids[a:b].tolist(), "token_type_ids": types[a:b].tolist(),
                     "next_sentence_label": int(nsp[i])}
 
     set_seed(SEED)
-    config = bert_config(ModelConfig(preset=s.preset, **s.model_overrides), manifest.vocab_size,
-                         manifest.special_tokens["pad"])
-    model = BertForPreTraining(config)
+    config = model_config(s, manifest)
+    model = BertForPreTraining(config) if s.nsp else AutoModelForMaskedLM.from_config(config)
     tok = BertTokenizerFast(vocab_file=str(Path(spec["corpus"]) / "tokenizer" / "vocab.txt"), do_lower_case=False)
     collator = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15)
     gpu = s.device == "cuda"
@@ -461,7 +484,7 @@ def hf_worker(spec_path: str) -> None:
     trainer = Trainer(model=model, args=targs, train_dataset=NSPPairs(), data_collator=collator,
                       callbacks=[Marks()])
     params = sum(p.numel() for p in model.parameters())
-    print(f"hf trainer: BertForPreTraining, {params / 1e6:.1f}M parameters, {s.precision}, device {targs.device}",
+    print(f"hf trainer: {type(model).__name__}, {params / 1e6:.1f}M parameters, {s.precision}, device {targs.device}",
           file=sys.stderr, flush=True)
     trainer.train()
     out: dict[str, Any] = {"marks": marks, "final_loss": round(losses[-1], 4) if losses else None}
@@ -548,6 +571,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--workers", type=int, default=None, help="loader workers, both sides (default 1; GPU 4)")
     ap.add_argument("--threads", type=int, default=None, help="OMP threads, both sides (default: usable CPUs)")
     ap.add_argument("--zero-stage", type=int, default=None, help="ptft ZeRO stage (default 0 on CPU, 2 with --gpu)")
+    ap.add_argument("--arch", default="bert", choices=["bert", "roberta"],
+                    help="bert: BertForPreTraining, MLM + NSP; roberta: RobertaForMaskedLM, MLM only")
     ap.add_argument("--vocab-size", type=int, default=30522, help="synthetic corpus vocabulary (BERT's)")
     ap.add_argument("--corpus", default=None, help="a prepared corpus dir instead of the synthetic one")
     ap.add_argument("--smoke", action="store_true", help="tiny model, seq 64, 2+4 steps")
