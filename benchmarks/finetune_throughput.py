@@ -11,7 +11,7 @@ same batch, epochs, learning rate, warm-up ratio and weight decay, fp32 on CPU, 
   over the same sentences tokenized with ``is_split_into_words`` and labels on the first piece of a
   word (ptft's ``label_subwords: first``), as HF's ``run_ner.py`` does; examples/s =
   ``train_samples_per_second`` of ``trainer.train()``, validation off. Twice: HF's defaults
-  (random order), and ``group_by_length=True`` (HF's own length grouping, the closest peer).
+  (random order), and ``group_by_length=True`` (``train_sampling_strategy="group_by_length"``, HF's own length grouping: the closest peer).
 
 Runs alternate ptft / HF / HF-grouped ``--repeats`` times, so a change in the machine's load hits
 all; medians are reported. ``ratio`` = ptft / HF default, ``ratio_vs_grouped`` = ptft / HF grouped.
@@ -134,11 +134,13 @@ def hf_worker(spec_path: str) -> None:
     set_seed(SEED)
     model = AutoModelForTokenClassification.from_pretrained(
         spec["model"], num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_id)
+    steps = -(-len(train) // spec["batch"]) * spec["epochs"]
     targs = TrainingArguments(
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], num_train_epochs=spec["epochs"],
-        learning_rate=LR, warmup_ratio=WARMUP_RATIO, weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear",
+        learning_rate=LR, warmup_steps=round(WARMUP_RATIO * steps),  # as ptft rounds finetune.warmup_ratio weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear",
         max_grad_norm=1.0, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, seed=SEED,
-        logging_strategy="no", use_cpu=True, group_by_length=spec["grouped"], dataloader_num_workers=0)
+        logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if spec["grouped"] else "random")
     trainer = Trainer(model=model, args=targs, train_dataset=Rows(encode(train)),
                       data_collator=DataCollatorForTokenClassification(tok))
     metrics = trainer.train().metrics
