@@ -8,6 +8,10 @@ Benchmarks (each its own script and subprocess; see their docstrings):
   pretrain       tokens/s and MFU (model and executed FLOPs), ``ptft pretrain`` vs
                  HF ``Trainer``, BERT-mini shape                                (pretrain_throughput.py)
   pretrain_base  the same, BERT-base shape (12 layers, hidden 768), a few steps (pretrain_throughput.py)
+  pretrain_roberta  the same, RoBERTa-shaped (mini), MLM only, vs ``Trainer`` +
+                 ``AutoModelForMaskedLM``: continued pretraining        (pretrain_throughput.py --arch roberta)
+  finetune       examples/s, token classification (NER), ``ptft finetune`` vs ``Trainer`` +
+                 ``AutoModelForTokenClassification``, MiniLM-L6           (finetune_throughput.py)
   zero           measured peak memory per rank, ZeRO 0/1/2/3, 2 ranks, BERT-base (zero_memory.py)
   resume         process start → first step, resuming 10 M samples into an epoch vs
                  early                                                          (resume_latency.py)
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PY, BenchError, bench_env, last_json, load_average, machine_info, run_checked
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["prepare", "loader", "pretrain", "pretrain_base", "zero", "resume", "export"]
+ORDER = ["prepare", "loader", "pretrain", "pretrain_base", "pretrain_roberta", "finetune", "zero", "resume", "export"]
 
 
 def _demo_input(work: Path, quick: bool) -> Path:
@@ -70,6 +74,10 @@ def commands(quick: bool, work: Path) -> dict[str, tuple[list[str], float]]:
         "pretrain_base": ([s(HERE / "pretrain_throughput.py"), "--preset", "base"] + (
             ["--micro-batch", "4", "--warmup-steps", "1", "--steps", "2", "--log-every", "1"] if quick else
             ["--micro-batch", "8", "--warmup-steps", "2", "--steps", "4", "--log-every", "2"]), 3600),
+        "pretrain_roberta": ([s(HERE / "pretrain_throughput.py"), "--arch", "roberta"] + (
+            ["--warmup-steps", "2", "--steps", "4", "--log-every", "2"] if quick else ["--repeats", "3"]), 3600),
+        "finetune": ([s(HERE / "finetune_throughput.py")] + (["--examples", "512", "--repeats", "1"] if quick else []),
+                     3600),
         "zero": ([s(HERE / "zero_memory.py"), "--preset", "base"] + (["--configs", "0,3,3w"] if quick else []), 3600),
         "resume": ([s(HERE / "resume_latency.py")] + (["--repeats", "2"] if quick else []), 3600),
         "export": ([s(HERE / "export_memory.py")] + (["--preset", "small"] if quick else []), 3600),
@@ -132,7 +140,9 @@ def _pretrain_rows(rep: dict) -> list[list[Any]]:
     def pct(d: dict, k: str) -> str:
         return f"{100 * d[k]:.1f}%" if k in d else "–"
 
-    rows = [[f"tokens/s, {st['preset']} seq {st['seq_len']} mb {st['micro_batch']}, {st['steps']} steps (HF Trainer)",
+    arch = "" if st.get("arch", "bert") == "bert" else f"{st['arch']} (MLM only) "
+    peer = "HF Trainer" if not arch else "HF Trainer + AutoModelForMaskedLM"
+    rows = [[f"tokens/s, {arch}{st['preset']} seq {st['seq_len']} mb {st['micro_batch']}, {st['steps']} steps ({peer})",
              p["tokens_per_s"], h.get("tokens_per_s"), _ratio(rep.get("ratio")), rep.get("target", "–"),
              rep.get("target_met", "–")],
             ["MFU, model FLOPs (dense-equivalent, same for both)", pct(p, "mfu_model"), pct(h, "mfu_model"), "–", "–",
@@ -144,6 +154,14 @@ def _pretrain_rows(rep: dict) -> list[list[Any]]:
         rows.append(["tokens per CPU-second", p.get("tokens_per_cpu_s"), h.get("tokens_per_cpu_s"),
                      _ratio(rep["ratio_per_cpu_s"]), "–", "–"])
     return rows
+
+
+def _finetune_rows(rep: dict) -> list[list[Any]]:
+    p, h, g = rep["ptft"], rep["hf_trainer"], rep["hf_trainer_grouped"]
+    what = f"examples/s, {rep['task'].split(' (')[0]}, batch {rep['batch']}, {rep['examples']} examples"
+    return [[f"{what} (HF Trainer)", p["examples_per_s"], h["examples_per_s"], _ratio(rep["ratio"]), "–", "–"],
+            [f"{what} (HF Trainer, length-grouped)", p["examples_per_s"], g["examples_per_s"],
+             _ratio(rep["ratio_vs_grouped"]), "–", "–"]]
 
 
 def _zero_rows(rep: dict) -> list[list[Any]]:
@@ -168,6 +186,7 @@ def _export_rows(rep: dict) -> list[list[Any]]:
 
 
 ROWS = {"prepare": _prepare_rows, "loader": _loader_rows, "pretrain": _pretrain_rows, "pretrain_base": _pretrain_rows,
+        "pretrain_roberta": _pretrain_rows, "finetune": _finetune_rows,
         "zero": _zero_rows, "resume": _resume_rows, "export": _export_rows}
 
 
