@@ -11,6 +11,10 @@ export PTFT_REQUIRE_SYSTEM=${PTFT_REQUIRE_SYSTEM:-1}
 export PTFT_CACHE=${PTFT_CACHE:-$HOME/.cache/ptft}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ptft/torch_extensions}  # kept across clones
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the venv's tools first, as launch.sh puts them for every rank: torch builds DeepSpeed's ops with the
+# `ninja` on PATH, and the system's ninja (1.11) and the venv's (1.13) hash build commands differently,
+# so mixing them rebuilt every op each time a test switched between the two (~200 s of a CI run)
+export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/ruff check .
 .venv/bin/python scripts/build_ds_ops.py 2>&1 | grep -v "^\[20" | tail -2
 # the "extended" tests (compile, the GPU benchmark's CPU smoke run, the MiniLM learning check, the

@@ -1,7 +1,8 @@
 """The demo workflow end to end at a tiny size (``ptft demo --quick``), as CI's integration test.
 
 Asserts each stage's outputs: corpus verified, checkpoint resumable, export loads in plain
-transformers, fine-tuning metrics present (for all three runs, with the test split evaluated).
+transformers, fine-tuning metrics present (full and LoRA, with the test split evaluated), the random-init export
+fresh.
 """
 
 from __future__ import annotations
@@ -53,17 +54,26 @@ def test_quick_demo_end_to_end(tmp_path):
     # fine-tuning metrics present; both fine-tunes of the pretrained model learned: their test MCC is
     # >= 3 standard errors above 0 (a majority-class predictor, accuracy ~0.504 here, has MCC 0; one that
     # guesses has MCC ~ N(0, 1/n)). Accuracy > majority class could not tell (demo/run.py, MIN_LEARNING_Z).
+    # the random-init export (the full demo's baseline; the quick demo exports it but does not fine-tune
+    # it): the same architecture and tokenizer, none of the pretrained weights
+    from safetensors.torch import load_file
+
     from ptft_dist.demo.run import MIN_LEARNING_Z, learning_z
 
-    for name in ("finetune-full", "finetune-lora", "finetune-random-init"):
+    trained, fresh = load_file(out / "model" / "model.safetensors"), load_file(out / "random_init" / "model.safetensors")
+    assert trained.keys() == fresh.keys()
+    changed = [k for k in trained if k.endswith(".weight") and "LayerNorm" not in k]
+    assert changed and not any(__import__("torch").equal(trained[k], fresh[k]) for k in changed)
+    assert (out / "random_init" / "tokenizer.json").read_bytes() == (out / "model" / "tokenizer.json").read_bytes()
+    assert "finetune-random-init" not in stages
+    for name in ("finetune-full", "finetune-lora"):
         results = json.loads((out / "finetune" / name / "results.json").read_text())
         assert {"accuracy", "macro_f1", "mcc"} <= set(results["test"]), name
         n = results["task"]["examples"]["test"]
         assert n > 1000, name
-        if name != "finetune-random-init":  # the baseline may or may not learn at this size
-            assert learning_z(results["test"], n) >= MIN_LEARNING_Z, (name, results["test"])
-            assert results["test"]["macro_f1"] > 0.5, (name, results["test"])  # a constant predictor: ~0.34
-            assert stages[name]["metrics"]["learning_z"] == round(learning_z(results["test"], n), 2)
+        assert learning_z(results["test"], n) >= MIN_LEARNING_Z, (name, results["test"])
+        assert results["test"]["macro_f1"] > 0.5, (name, results["test"])  # a constant predictor: ~0.34
+        assert stages[name]["metrics"]["learning_z"] == round(learning_z(results["test"], n), 2)
     # (That pretraining beats random initialisation is a matter of budget: the full-size demo checks it.)
     assert (out / "pretrain" / "report" / "report.md").exists()
     assert "| pretrain |" in (out / "summary.md").read_text()
