@@ -404,13 +404,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_command_line(parser, argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
     except UserError as exc:
         print(f"ptft: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ptft: interrupted", file=sys.stderr)
         return 130
+    if status == 0:
+        from ptft_dist.dist.rendezvous import leave_process_group
+
+        leave_process_group()  # multi-rank runs: leave together
+    return status
 
 
 if __name__ == "__main__":

@@ -345,3 +345,21 @@ def init_distributed(
     topology = gather_topology(env)
     if announce and env.rank == 0:
         log.info(format_topology(topology, env, backend))
+
+
+def leave_process_group(timeout_s: float = 120) -> None:
+    """After a command succeeded, every rank: wait for the others, then tear the group down.
+
+    A process that exits with its gloo group alive can abort in the group's destructor ("terminate
+    called without an active exception", exit status 250 seen on a 2-rank fine-tune that had written
+    its results). The barrier is bounded: a rank that failed never arrives, and the others must not
+    wait for it until the collective timeout -- they leave the group to the process exit."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return
+    try:
+        tdist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001 -- a missing rank: exit without the teardown
+        return
+    tdist.destroy_process_group()
