@@ -2,9 +2,9 @@
 prepare with the model's own tokenizer → pretrain from ``model.init_from`` → kill -9 a rank →
 resume bitwise → convert to the same architecture → logits equal to the engine's → fine-tune.
 
-One chain per architecture under ZeRO-2 (tiny random-weight models saved with ``save_pretrained``
-in the test, and the registry MiniLM for a real BERT); RoBERTa also under ZeRO-3. CI runs the
-RoBERTa ZeRO-3 chain, fine-tune included; the ZeRO-2 chains are ``extended`` (scripts/test.sh runs
+One chain per architecture (tiny random-weight models saved with ``save_pretrained``
+in the test, and the registry MiniLM for a real BERT) under ZeRO-2 and ZeRO-3. CI runs the
+RoBERTa ZeRO-3 chain, fine-tune included; the others are ``extended`` (scripts/test.sh runs
 them with PTFT_EXTENDED=1): what differs between ZeRO stages is architecture-blind and held for every
 stage by tests/pretrain/test_pretrain.py, what differs between architectures is the same under both.
 """
@@ -131,15 +131,17 @@ def test_continued_pretraining_chain_zero2(model_type, tmp_path):
     assert result["test"]["accuracy"] >= 0.8, result["history"]  # majority class: 0.5
 
 
-def test_roberta_zero3_chain_kill_resume_convert_finetune(tmp_path):
-    model, corpus = _prepared(tmp_path, "roberta")
+@pytest.mark.parametrize("model_type", ["roberta", pytest.param("distilbert", marks=pytest.mark.extended),
+                                        pytest.param("modernbert", marks=pytest.mark.extended)])
+def test_zero3_chain_kill_resume_convert_finetune(model_type, tmp_path):
+    model, corpus = _prepared(tmp_path, model_type)
     overrides = [f"model.init_from={model}", *MLM, "train.zero_stage=3"]
     reference = tmp_path / "reference"
     run(corpus, reference, *overrides)
     assert len(losses(reference)) == STEPS
     _kill_resume(corpus, tmp_path / "killed", reference, *overrides)
     export = tmp_path / "export"
-    _convert_and_check(reference, export, "roberta")
+    _convert_and_check(reference, export, model_type)
     result = _finetune(export, tmp_path)
     assert result["test"]["accuracy"] >= 0.8, result["history"]  # majority class: 0.5
 
