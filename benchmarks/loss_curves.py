@@ -41,6 +41,9 @@ VARIANTS = {  # name -> (overrides, extra environment)
 }
 
 
+MARKS = {"padded": "p", "packed": "k", "compiled": "c", "seed_noise": "n"}  # one letter per curve in the chart
+
+
 def demo_corpus(work: Path, timeout: float) -> Path:
     """The demo news articles (package cache) prepared as the quick demo prepares them."""
     from ptft_dist.demo.data import fetch_demo_data
@@ -80,13 +83,13 @@ def ascii_chart(curves: dict[str, list[float]], width: int = 60, height: int = 1
     hi = max(max(c) for c in curves.values())
     grid = [[" "] * width for _ in range(height)]
     for name, c in curves.items():
-        mark = name[0] if name != "seed_noise" else "n"
+        mark = MARKS.get(name, name[0])
         for col in range(width):
             v = c[min(len(c) - 1, col * len(c) // width)]
             row = int(round((hi - v) / max(hi - lo, 1e-9) * (height - 1)))
             grid[row][col] = mark if grid[row][col] in (" ", mark) else "*"
     lines = [f"{hi - (hi - lo) * r / (height - 1):7.3f} |" + "".join(g) for r, g in enumerate(grid)]
-    legend = "  ".join(f"{(n[0] if n != 'seed_noise' else 'n')}={n}" for n in curves) + "  *=overlap"
+    legend = "  ".join(f"{MARKS.get(n, n[0])}={n}" for n in curves) + "  *=overlap"
     return lines + ["        +" + "-" * width, f"         step 0 .. {len(next(iter(curves.values())))} logs; " + legend]
 
 
