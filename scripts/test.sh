@@ -19,7 +19,6 @@ export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/python scripts/build_ds_ops.py 2>&1 | grep -v "^\[20" | tail -2
 # the "extended" tests (compile, the GPU benchmark's CPU smoke run, the MiniLM learning check, the
 # DistilBERT/ModernBERT continued-pretraining chains) take ~20 min more than the 45-min CI budget allows
-if [[ ${PTFT_EXTENDED:-0} == 1 ]]; then
-  exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=40 "$@"
-fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=40 -m "not extended" "$@"
+select=(-m "not extended")
+[[ ${PTFT_EXTENDED:-0} == 1 ]] && select=()
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=40 ${select[@]+"${select[@]}"} "$@"

@@ -41,14 +41,13 @@ from ptft_dist.fsutil import remove_stale_temps, replace_dir
 
 META_FILE = "ptft_finetune.json"
 ADAPTER_DIR = "adapter"
-MODULES_TO_SAVE = ["classifier", "pooler"]  # BertForSequenceClassification: bert.pooler + classifier
-# Per task type: the transformers auto class, PEFT's task type and the new head's modules (trained
-# whole under LoRA, never LoRA targets). Token classifiers and QA models have no pooler.
-HEADS: dict[str, tuple[str, str, list[str]]] = {
-    "classification": ("AutoModelForSequenceClassification", "SEQ_CLS", MODULES_TO_SAVE),
-    "regression": ("AutoModelForSequenceClassification", "SEQ_CLS", MODULES_TO_SAVE),
-    "token_classification": ("AutoModelForTokenClassification", "TOKEN_CLS", ["classifier"]),
-    "extractive_qa": ("AutoModelForQuestionAnswering", "QUESTION_ANS", ["qa_outputs"]),
+# Per task type: the transformers auto class and PEFT's task type. Under LoRA the new head (and what an
+# architecture puts between encoder and head) trains whole: ``head_modules``.
+HEADS: dict[str, tuple[str, str]] = {
+    "classification": ("AutoModelForSequenceClassification", "SEQ_CLS"),
+    "regression": ("AutoModelForSequenceClassification", "SEQ_CLS"),
+    "token_classification": ("AutoModelForTokenClassification", "TOKEN_CLS"),
+    "extractive_qa": ("AutoModelForQuestionAnswering", "QUESTION_ANS"),
 }
 HEAD_PREFIXES = ("classifier.", "pre_classifier.", "score.", "qa_outputs.", "bert.pooler.")
 ARCH_TASKS = {"ForTokenClassification": "token_classification", "ForQuestionAnswering": "extractive_qa"}
@@ -140,18 +139,18 @@ def load_tokenizer(tok_dir: str | Path, model_config: Any) -> Any:
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding)  # peft adapts both (an embedding: A is vocab x r)
 
 
-def head_modules(model: torch.nn.Module, task_type: str) -> list[str]:
+def head_modules(model: torch.nn.Module) -> list[str]:
     """The modules LoRA trains whole: the task's new head, and the layers an architecture puts between
     encoder and head (DistilBERT's ``pre_classifier``, ModernBERT's ``head``): every top-level module
-    with weights beside the encoder, and BERT's pooler."""
+    with weights beside the encoder, and the pooler where the model has one (BERT's sequence classifier)."""
     encoder = getattr(model, "base_model_prefix", "")
-    extra = [name for name, child in model.named_children()
-             if name != encoder and any(True for _ in child.parameters())]
-    poolers = {n.split(".")[-1] for n, _ in model.named_modules()} & {"pooler"} & set(HEADS[task_type][2])
-    return sorted(poolers | set(extra))
+    whole = {name for name, child in model.named_children() if name != encoder and any(True for _ in child.parameters())}
+    if any(n.split(".")[-1] == "pooler" for n, _ in model.named_modules()):
+        whole.add("pooler")
+    return sorted(whole)
 
 
-def lora_targets(model: torch.nn.Module, names: Sequence[str], task_type: str = "classification") -> list[str]:
+def lora_targets(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
     """Full names of the Linear (or Embedding) layers whose last name is in ``names`` (empty: the
     architecture's defaults, ``LORA_DEFAULT_TARGETS``), outside the modules trained whole (the
     pooler's ``dense`` is trained fully, not through LoRA)."""
@@ -161,7 +160,7 @@ def lora_targets(model: torch.nn.Module, names: Sequence[str], task_type: str = 
             raise FinetuneError(f"finetune.lora_target_modules: no default for model_type {model_type!r}; "
                                 f"name the layers to adapt")
         names = LORA_DEFAULT_TARGETS[model_type]
-    wanted, whole = set(names), set(head_modules(model, task_type))
+    wanted, whole = set(names), set(head_modules(model))
     out = []
     for full, module in model.named_modules():
         parts = full.split(".")
@@ -226,8 +225,8 @@ def wrap_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     peft_task = HEADS[cfg.task_type][1]
     lcfg = LoraConfig(task_type=getattr(TaskType, peft_task), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_targets(model, cfg.lora_target_modules, cfg.task_type),
-                      modules_to_save=head_modules(model, cfg.task_type))
+                      target_modules=lora_targets(model, cfg.lora_target_modules),
+                      modules_to_save=head_modules(model))
     with _quiet_transformers():
         return get_peft_model(model, lcfg)
 
