@@ -49,18 +49,11 @@ def write_data(root: Path, n_train: int) -> dict[str, Path]:
 
 
 def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
-    """(words, tags) per sentence: first and last column, -DOCSTART- skipped (the HF side's own reader)."""
-    out, words, tags = [], [], []
-    for line in path.read_text().splitlines() + [""]:
-        if not line.strip():
-            if words:
-                out.append((words, tags))
-            words, tags = [], []
-        elif not line.startswith("-DOCSTART-"):
-            cols = line.split()
-            words.append(cols[0])
-            tags.append(cols[-1])
-    return out
+    """(words, tags) per sentence, read by ptft's own CoNLL reader (word: first column, tag: last)."""
+    from ptft_dist.finetune.token_data import read_conll as ptft_read_conll
+
+    raw = ptft_read_conll(str(path), 0, -1)
+    return list(zip(raw.tokens, raw.tags))
 
 
 def run_ptft(model: Path, data: dict[str, Path], args: argparse.Namespace, work: Path, tag: str) -> dict:
