@@ -58,6 +58,7 @@ from ptft_dist.config import DataConfig
 from ptft_dist.corpus.format import CorpusError, Manifest, ShardData, load_manifest
 from ptft_dist.corpus.tokenizer import check_tokenizer, load_vocab, word_boundary_rule
 from ptft_dist.fsutil import write_bytes_atomic
+from ptft_dist.stream.batch import Rows, cut_batch
 from ptft_dist.stream.keys import sample_keys, shard_key
 from ptft_dist.stream.masking import IGNORE_INDEX, continuation_flags, mask_batch, random_token_ids
 from ptft_dist.stream.samples import chunk_sentences, nsp_segments
@@ -76,6 +77,9 @@ STATE_VERSION = 1
 VALIDATION_SEED = 20181011  # the validation stream does not depend on the training seed
 _ORDER_TAG = 0x5EED0 + 1
 _WINDOW_TAG = 0x5EED0 + 2
+# A worker builds its next micro-steps together, about this many samples / tokens at once
+# (stream/batch.py; measured best at seq 128 and 512 with benchmarks/loader_throughput.py).
+_SAMPLES_PER_PASS, _TOKENS_PER_PASS = 256, 65536
 
 
 def corpus_fingerprint(manifest: Manifest, split: str) -> str:
@@ -157,6 +161,9 @@ class PretrainingStream(IterableDataset):
         ).hexdigest()[:16]
         self.specials = SpecialIds.from_manifest(self.manifest.special_tokens)
         self.random_ids = random_token_ids(self.manifest.vocab_size, self.specials)
+        # is_special[id]; one extra False entry that every id beyond the table maps to (take, clip)
+        self.is_special = np.zeros(max([self.manifest.vocab_size, *self.specials.all()]) + 2, dtype=bool)
+        self.is_special[self.specials.all()] = True
         self.is_continuation: Optional[np.ndarray] = None
         if self.spec.whole_word_mask:
             rule = word_boundary_rule(self.corpus, cfg.storage_options)
@@ -373,8 +380,9 @@ class PretrainingStream(IterableDataset):
         plan = self.plan(epoch)
         wins = plan.window_of(positions)
         out = []
-        for w in np.unique(wins).tolist():
-            rows = np.nonzero(wins == w)[0]
+        single = wins[0] == wins[-1] and wins.min() == wins.max()  # the usual case: one window
+        for w in [int(wins[0])] if single else np.unique(wins).tolist():
+            rows = np.arange(len(wins)) if single else np.nonzero(wins == w)[0]
             win = self._window(epoch, w)
             c = win.perm[positions[rows] - plan.window_start[w]]
             keys = sample_keys(self.seed, epoch, win.c_id[c])
@@ -391,7 +399,23 @@ class PretrainingStream(IterableDataset):
         A pure function of (corpus, seed, epoch, positions). An empty ``positions`` gives one
         padding sample (``sample_ids == -1``) when ``pad_if_empty``.
         """
-        positions = np.asarray(positions, dtype=np.int64)
+        return self.batches_at(epoch, [positions], pad_if_empty)[0]
+
+    def batches_at(self, epoch: int, steps: list[np.ndarray], pad_if_empty: bool = True) -> list[dict[str, Any]]:
+        """``[batch_at(epoch, p) for p in steps]``, built in one vectorised pass (stream/batch.py)."""
+        steps = [np.asarray(p, dtype=np.int64) for p in steps]
+        if len(steps) > 1 and any(len(p) == 0 for p in steps):  # a padding sample: only at an epoch's end
+            return [self.batches_at(epoch, [p], pad_if_empty)[0] for p in steps]
+        m = max(1, int(self.cfg.pad_to_multiple_of))
+        rows = self._rows(epoch, np.concatenate(steps) if len(steps) > 1 else steps[0], pad_if_empty, m)
+        if len(steps) == 1:
+            return [cut_batch(rows, 0, len(rows.lengths), m)]
+        ends = np.cumsum([len(p) for p in steps]).tolist()
+        return [cut_batch(rows, r0, r1, m) for r0, r1 in zip([0, *ends[:-1]], ends)]
+
+    def _rows(self, epoch: int, positions: np.ndarray, pad_if_empty: bool, multiple: int) -> Rows:
+        """The samples at these positions, built and masked, padded to the longest of them
+        (rounded up to ``multiple``)."""
         n = self.num_samples(epoch)
         if len(positions) and (positions.min() < 0 or positions.max() >= n):
             raise IndexError(f"positions outside epoch {epoch} (0..{n - 1})")
@@ -401,9 +425,7 @@ class PretrainingStream(IterableDataset):
         for _, rows, _, seg, _ in groups:
             lb_part = np.where(seg.nsp_label == IGNORE_INDEX, 0, 1 + seg.lb) if self.spec.nsp else 0
             lengths[rows] = 2 + seg.la + lb_part
-        L = int(lengths.max()) if B else 0
-        m = max(1, int(self.cfg.pad_to_multiple_of))
-        L = -(-L // m) * m
+        L = -(-int(lengths.max()) // multiple) * multiple if B else 0
         ids = np.full((B, L), self.specials.pad, dtype=np.int64)
         types = np.zeros((B, L), dtype=np.int64)
         sample_ids = np.full(B, -1, dtype=np.int64)
@@ -417,25 +439,13 @@ class PretrainingStream(IterableDataset):
             sample_ids[rows] = win.c_id[c]
             nsp[rows] = seg.nsp_label
             keys[rows] = k
-        attention = (np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)
-        cand = attention.astype(bool) & (sample_ids >= 0)[:, None]
-        for t in self.specials.all():
-            cand &= ids != t
+        # Maskable: real tokens that are not special (one table lookup), never in a padding sample.
+        cand = (np.arange(L)[None, :] < lengths[:, None]) & ~self.is_special.take(ids, mode="clip")
+        if not groups:
+            cand[:] = False
         labels = mask_batch(ids, lengths, keys, self.spec, self.specials, self.random_ids, self.is_continuation,
                             candidates=cand)
-        cu = np.zeros(B + 1, dtype=np.int32)
-        np.cumsum(lengths, out=cu[1:])
-        return {
-            "input_ids": ids,
-            "token_type_ids": types,
-            "attention_mask": attention,
-            "labels": labels,
-            "next_sentence_label": nsp,
-            "sample_ids": sample_ids,
-            "cu_seqlens": cu,
-            "indices": np.flatnonzero(attention).astype(np.int64),
-            "max_seqlen": int(lengths.max()) if B else 0,
-        }
+        return Rows(ids=ids, types=types, labels=labels, lengths=lengths, nsp=nsp, sample_ids=sample_ids)
 
     def describe(self, epoch: int, positions: np.ndarray) -> list[dict]:
         """Provenance of the samples at these positions.
@@ -469,8 +479,10 @@ class PretrainingStream(IterableDataset):
         epoch, consumed = self.effective_epoch(None), self.consumed
         n = self.num_samples(epoch)
         steps = self.steps_in_epoch(epoch, consumed)
-        for k in range(worker_id, steps, num_workers):
-            yield self.batch_at(epoch, self.rank_positions(k, consumed, n))
+        mine = range(worker_id, steps, num_workers)
+        per_pass = max(1, min(_SAMPLES_PER_PASS, _TOKENS_PER_PASS // self.spec.max_seq_len) // self.micro_batch_size)
+        for i in range(0, len(mine), per_pass):
+            yield from self.batches_at(epoch, [self.rank_positions(k, consumed, n) for k in mine[i : i + per_pass]])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Torch tensors; inside a DataLoader worker, only that worker's micro-steps."""

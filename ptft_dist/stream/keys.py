@@ -109,6 +109,40 @@ def hash_streams(keys: np.ndarray, stream: int, counters: Optional[np.ndarray] =
     return mix64(keys ^ c)
 
 
+_COUNTERS: dict[int, np.ndarray] = {}
+
+
+def counter_hashes(stream: int, n: int) -> np.ndarray:
+    """The counter half of ``hash_streams(keys, stream, arange(n))`` (memoised, read-only):
+    ``mix64(keys[:, None] ^ counter_hashes(stream, n)[None, :])`` equals it."""
+    c = _COUNTERS.get(stream)
+    if c is None or len(c) < n:
+        c = _u64(np.arange(max(n, 512), dtype=np.int64)) * _GOLDEN
+        c += _salt(stream)
+        c = mix64(c)
+        c.flags.writeable = False
+        _COUNTERS[stream] = c
+    return c[:n]
+
+
+_SALT_ROWS: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def hash_many(keys: np.ndarray, streams: tuple[int, ...], counters: Optional[np.ndarray] = None) -> np.ndarray:
+    """``hash_streams(keys, s, counters)`` for several streams at once, as columns: shape
+    ``(len(keys), len(streams))``, the same values in one vectorised pass instead of one per stream
+    (a micro-batch draws all its per-sample numbers this way). ``keys``, ``counters``: 1-D."""
+    salts = _SALT_ROWS.get(streams)
+    if salts is None:
+        salts = _SALT_ROWS[streams] = np.array([_salt(s) for s in streams], dtype=_U64)[None, :]
+    k = np.asarray(keys, dtype=_U64)[:, None]
+    if counters is None:
+        return mix64(k ^ salts)
+    c = _u64(np.asarray(counters))[:, None] * _GOLDEN
+    c = c + salts
+    return mix64(k ^ mix64(c))
+
+
 def to_unit(h: np.ndarray) -> np.ndarray:
     """uint64 hashes → float64 uniforms in [0, 1)."""
     return (h >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
@@ -132,13 +166,16 @@ except AttributeError:  # pragma: no cover - numpy 1.x
         return _POP8[x.view(np.uint8).reshape(*x.shape, 8)].sum(-1)
 
 
-def binomial_half(n: np.ndarray, keys: np.ndarray, stream: int, stream2: int) -> np.ndarray:
-    """Binomial(n, 1/2) per element: exact (popcount of n random bits) for n <= 64, normal beyond."""
+def binomial_half(n: np.ndarray, keys: np.ndarray, stream: int, stream2: int,
+                  h: Optional[np.ndarray] = None) -> np.ndarray:
+    """Binomial(n, 1/2) per element: exact (popcount of n random bits) for n <= 64, normal beyond.
+    ``h``: ``hash_streams(keys, stream)`` when the caller already has it (:func:`hash_many`)."""
     n = np.asarray(n, dtype=np.int64)
     out = np.zeros(n.shape, dtype=np.int64)
     if not n.any():
         return out
-    h = hash_streams(keys, stream)
+    if h is None:
+        h = hash_streams(keys, stream)
     small = n <= 64
     shift = np.minimum(n, 63).astype(_U64)
     bits = np.where(n >= 64, _U64(_MASK64), (_U64(1) << shift) - _U64(1))

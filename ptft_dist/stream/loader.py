@@ -8,6 +8,7 @@ round-robin over workers yields them in step order, so batches are identical for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -38,48 +39,78 @@ BATCH_KEYS = (*MODEL_INPUTS, "sample_ids")
 # --------------------------------------------------------------------------- worker transport
 
 
-_PACKED = "__ptft_packed__"
 _TORCH_DTYPES = {"|u1": "uint8", "<u2": "uint16", "<i2": "int16", "<i4": "int32", "<i8": "int64"}
 
 
+_NARROW = [(np.dtype(t), int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in (np.uint8, np.int16, np.uint16, np.int32)]
+
+
 def _wire_dtype(key: str, v: np.ndarray) -> np.dtype:
-    """The smallest dtype that holds a field exactly (less shared memory per batch)."""
+    """The smallest dtype that holds a field exactly (fewer bytes per batch through the pipe)."""
     if key in ("attention_mask", "token_type_ids"):
         return np.dtype(np.uint8)
     if key in ("input_ids", "labels", "indices") and v.size:
         lo, hi = int(v.min()), int(v.max())
-        for dt in (np.uint8, np.int16, np.uint16, np.int32):
-            info = np.iinfo(dt)
-            if info.min <= lo and hi <= info.max:
-                return np.dtype(dt)
+        for dt, dt_lo, dt_hi in _NARROW:
+            if dt_lo <= lo and hi <= dt_hi:
+                return dt
     return v.dtype
 
 
-def pack_batch(batch: dict[str, Any], compact: bool = True) -> dict[str, Any]:
-    """A batch as one byte tensor plus a layout (:func:`unpack_batch` restores it exactly).
+class PackedBatch:
+    """A micro-batch as one byte buffer plus a layout, the form worker processes send it in.
 
-    Worker processes send batches this way: one shared-memory transfer instead of one per field,
-    each field in its smallest exact dtype (~10x more batches/s through the DataLoader queue).
+    The buffer is a ``bytearray``, so it is pickled through the DataLoader's pipe: one ~30-200 KB
+    write per batch. A torch tensor would instead go through shared memory, which costs a new
+    shared-memory segment and a file-descriptor hand-over per batch (~1 ms of CPU on each side,
+    more than building the batch; measured with benchmarks/loader_throughput.py, docs/performance.md).
+    ``layout``: (key, wire dtype, final dtype, shape, byte offset) per array field; ``extras``:
+    the non-array fields. The DataLoader's pin-memory thread calls :meth:`pin_memory`, which turns
+    the buffer into one pinned tensor the unpacked fields are views of.
     """
+
+    __slots__ = ("buffer", "layout", "extras")
+
+    def __init__(self, buffer: bytearray | torch.Tensor, layout: list[tuple], extras: dict[str, Any]):
+        self.buffer, self.layout, self.extras = buffer, layout, extras
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() if isinstance(self.buffer, torch.Tensor) else len(self.buffer)
+
+    def pin_memory(self, device: Any = None) -> PackedBatch:
+        buf = self.buffer
+        if not isinstance(buf, torch.Tensor):
+            buf = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8)) if len(buf) else torch.empty(0, dtype=torch.uint8)
+        return PackedBatch(buf.pin_memory(), self.layout, self.extras)
+
+    def __getstate__(self) -> tuple:
+        return self.buffer, self.layout, self.extras
+
+    def __setstate__(self, state: tuple) -> None:
+        self.buffer, self.layout, self.extras = state
+
+
+def pack_batch(batch: dict[str, Any], compact: bool = True) -> PackedBatch:
+    """A batch as one byte buffer plus a layout (:func:`unpack_batch` restores it exactly), each
+    field in its smallest exact dtype when ``compact`` (widened back on the consumer)."""
     arrays = [(k, v, _wire_dtype(k, v) if compact else v.dtype) for k, v in batch.items() if isinstance(v, np.ndarray)]
     sizes = [-(-(v.size * dt.itemsize) // 8) * 8 for _, v, dt in arrays]
-    buf = np.empty(sum(sizes), dtype=np.uint8)
+    raw = bytearray(sum(sizes))
+    buf = np.frombuffer(raw, dtype=np.uint8)
     layout, o = [], 0
     for (k, v, dt), nb in zip(arrays, sizes):
         buf[o : o + v.size * dt.itemsize].view(dt)[:] = v.reshape(-1)
         layout.append((k, dt.str, v.dtype.str, tuple(v.shape), o))
         o += nb
     extras = {k: v for k, v in batch.items() if not isinstance(v, np.ndarray)}
-    return {_PACKED: torch.from_numpy(buf), "layout": layout, "extras": extras}
+    return PackedBatch(raw, layout, extras)
 
 
-def unpack_batch(item: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`pack_batch` (other items pass through unchanged)."""
-    if not (isinstance(item, dict) and _PACKED in item):
-        return item
-    buf = item[_PACKED]
+def _unpack_tensor(buf: torch.Tensor, layout: list[tuple]) -> dict[str, Any]:
+    """Fields as views of a (pinned) byte tensor; widened fields are copies."""
     out: dict[str, Any] = {}
-    for k, wire, final, shape, o in item["layout"]:
+    for k, wire, final, shape, o in layout:
         shape = [int(x) for x in shape]
         n = int(np.prod(shape)) if shape else 1
         wdt = getattr(torch, _TORCH_DTYPES.get(wire, "int64"))
@@ -87,13 +118,29 @@ def unpack_batch(item: dict[str, Any]) -> dict[str, Any]:
         t = buf[o : o + nbytes].view(wdt).view(*shape)
         fdt = getattr(torch, _TORCH_DTYPES.get(final, "int64"))
         out[k] = t if wdt == fdt else t.to(fdt)
-    out.update(item["extras"])
+    return out
+
+
+def unpack_batch(item: Any) -> Any:
+    """Inverse of :func:`pack_batch` (other items pass through unchanged)."""
+    if not isinstance(item, PackedBatch):
+        return item
+    if isinstance(item.buffer, torch.Tensor):
+        out = _unpack_tensor(item.buffer, item.layout)
+    else:  # numpy views of the (writable) bytearray: a few µs per field, torch shares the memory
+        out = {}
+        raw = np.frombuffer(item.buffer, dtype=np.uint8)
+        for k, wire, final, shape, o in item.layout:
+            wdt = np.dtype(wire)
+            a = raw[o : o + math.prod(shape) * wdt.itemsize].view(wdt).reshape(shape)
+            out[k] = torch.from_numpy(a if wire == final else a.astype(final))
+    out.update(item.extras)
     return out
 
 
 class _WorkerBatches(IterableDataset):
-    """What a DataLoader worker runs: its share of the stream's micro-steps, each sent packed
-    (:func:`pack_batch`); ``compact=False`` keeps every field's dtype, so a pinned buffer gives
+    """What a DataLoader worker runs: its share of the stream's micro-steps, each sent as a
+    :class:`PackedBatch`; ``compact=False`` keeps every field's dtype, so a pinned buffer gives
     pinned fields."""
 
     def __init__(self, dataset: PretrainingStream, compact: bool):

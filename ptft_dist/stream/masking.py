@@ -14,10 +14,22 @@ from typing import Optional
 
 import numpy as np
 
-from ptft_dist.stream.keys import S_MASK_ACTION, S_MASK_RANDOM, S_MASK_SCORE, S_WORD_SCORE, hash_streams, uniform
+from ptft_dist.stream.keys import (
+    S_MASK_ACTION,
+    S_MASK_RANDOM,
+    S_MASK_SCORE,
+    S_WORD_SCORE,
+    counter_hashes,
+    hash_many,
+    hash_streams,
+    mix64,
+    to_unit,
+)
 from ptft_dist.stream.spec import SampleSpec, SpecialIds
 
 IGNORE_INDEX = -100  # the label of a position (or an NSP pair) that adds no loss term
+_ACTION_STREAMS = (S_MASK_ACTION, S_MASK_RANDOM)
+
 
 def mask_batch(
     input_ids: np.ndarray,
@@ -37,9 +49,8 @@ def mask_batch(
     Randomness depends only on (key, position in the sample), never on the batch or its padding.
     """
     B, L = input_ids.shape
-    labels = np.full((B, L), IGNORE_INDEX, dtype=np.int64)
     if B == 0 or L == 0 or spec.mlm_probability <= 0:
-        return labels
+        return np.full((B, L), IGNORE_INDEX, dtype=np.int64)
     pos = np.arange(L, dtype=np.int64)
     if candidates is None:
         cand = pos[None, :] < np.asarray(lengths)[:, None]
@@ -53,13 +64,13 @@ def mask_batch(
     if spec.max_predictions_per_seq > 0:
         k = np.minimum(k, spec.max_predictions_per_seq)
     keys2 = keys[:, None]
-    big = np.int64(1) << np.int64(62)
     if spec.whole_word_mask and is_continuation is not None:
         cont = is_continuation[np.clip(input_ids, 0, len(is_continuation) - 1)] & cand
         prev_cand = np.zeros_like(cand)
         prev_cand[:, 1:] = cand[:, :-1]
         start = cand & ~(cont & prev_cand)
         word = np.cumsum(start, axis=1) - 1
+        big = np.int64(1) << np.int64(62)
         score = np.where(cand, (hash_streams(keys2, S_WORD_SCORE, word) >> np.uint64(2)).astype(np.int64), big)
         order = np.argsort(score, axis=1, kind="stable")
         s_sorted = np.take_along_axis(score, order, axis=1)
@@ -74,22 +85,40 @@ def mask_batch(
         selected = np.zeros((B, L), dtype=bool)
         np.put_along_axis(selected, order, sel_sorted, axis=1)
     else:
-        score = np.where(cand, (hash_streams(keys2, S_MASK_SCORE, pos[None, :]) >> np.uint64(2)).astype(np.int64), big)
-        order = np.argsort(score, axis=1)
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(pos, (B, L)), axis=1)
-        selected = (rank < k[:, None]) & cand
+        selected = _choose_positions(keys2, cand, k, L)
+    labels = np.where(selected, input_ids, IGNORE_INDEX).astype(np.int64, copy=False)
     rows, cols = np.nonzero(selected)
-    labels[rows, cols] = input_ids[rows, cols]
-    act = uniform(keys[rows], S_MASK_ACTION, cols)
+    # Action (80/10/10) and replacement token of every chosen position: one hashing pass.
+    h = hash_many(keys[rows], _ACTION_STREAMS, cols)
+    act = to_unit(h[:, 0])
     to_mask = act < spec.mask_replace_prob
     to_rand = (~to_mask) & (act < spec.mask_replace_prob + spec.random_replace_prob)
     input_ids[rows[to_mask], cols[to_mask]] = specials.mask
-    if to_rand.any() and len(random_ids):
-        rr, rc = rows[to_rand], cols[to_rand]
-        pick = (uniform(keys[rr], S_MASK_RANDOM, rc) * len(random_ids)).astype(np.int64)
-        input_ids[rr, rc] = random_ids[np.minimum(pick, len(random_ids) - 1)]
+    if len(random_ids) and to_rand.any():
+        pick = (to_unit(h[to_rand, 1]) * len(random_ids)).astype(np.int64)
+        input_ids[rows[to_rand], cols[to_rand]] = random_ids[np.minimum(pick, len(random_ids) - 1)]
     return labels
+
+
+_POS_BITS = 20  # the low bits of a position's score hold the position: scores never tie
+
+
+def _choose_positions(keys2: np.ndarray, cand: np.ndarray, k: np.ndarray, L: int) -> np.ndarray:
+    """The ``k[i]`` candidates of row ``i`` with the smallest score ``hash(key, S_MASK_SCORE,
+    position)``: uniform without replacement, and a function of (key, position) alone, so padding
+    or batch-mates never change the choice (docs/design.md, guarantee 1). The score's low bits
+    are the position, so scores are distinct and exactly ``k`` are chosen: a per-row threshold
+    from one sort (no argsort / scatter)."""
+    if L > 1 << _POS_BITS:
+        raise ValueError(f"sequence length {L} > {1 << _POS_BITS} is not supported by the masking")
+    h = mix64(keys2 ^ counter_hashes(S_MASK_SCORE, L)[None, :])
+    h >>= np.uint64(64 - 62 + _POS_BITS)
+    h <<= np.uint64(_POS_BITS)
+    h |= np.arange(L, dtype=np.uint64)
+    score = h.view(np.int64)  # < 2**62: below every non-candidate's score
+    score[~cand] = np.int64(1) << np.int64(62)
+    kth = np.sort(score, axis=1)[np.arange(len(k)), np.maximum(k - 1, 0)]
+    return (score <= kth[:, None]) & (k > 0)[:, None]
 
 
 def random_token_ids(vocab_size: int, specials: SpecialIds, extra_special: Optional[list[int]] = None) -> np.ndarray:

@@ -40,12 +40,15 @@ from ptft_dist.stream.keys import (
     S_TRUNC_B,
     S_TRUNC_B2,
     binomial_half,
+    hash_many,
+    to_unit,
     uniform,
 )
 from ptft_dist.stream.masking import IGNORE_INDEX
 from ptft_dist.stream.spec import SampleSpec, SpecialIds
 
 IS_NEXT, NOT_NEXT = 0, 1  # Hugging Face convention: 0 = B continues A, 1 = B is random
+_NSP_STREAMS = (S_SPLIT, S_IS_NEXT, S_PARTNER, S_PARTNER_START, S_TRUNC_A, S_TRUNC_B)
 
 
 # --------------------------------------------------------------------------- chunking
@@ -172,17 +175,20 @@ def nsp_segments(
             b_sent=np.zeros((n, 2), dtype=np.int64), trunc=trunc,
         )
     n_docs = len(doc_off) - 1
-    split = np.where(n_sent >= 2, 1 + (uniform(keys, S_SPLIT) * np.maximum(n_sent - 1, 1)).astype(np.int64), 1)
+    # Every per-sample number in one hashing pass (the same values as one uniform() per stream).
+    h = hash_many(keys, _NSP_STREAMS)
+    u_split, u_next, u_partner, u_pstart = to_unit(h[:, :4]).T
+    split = np.where(n_sent >= 2, 1 + (u_split * np.maximum(n_sent - 1, 1)).astype(np.int64), 1)
     split = np.minimum(split, np.maximum(n_sent - 1, 1))
     a_end = c_start + split
     can_next = n_sent >= 2
     can_not = n_docs >= 2
-    is_next = can_next & ((uniform(keys, S_IS_NEXT) < c_p_next) | (not can_not))
+    is_next = can_next & ((u_next < c_p_next) | (not can_not))
     la = sent_cs[a_end] - sent_cs[c_start]
     # NotNext partner: a different document of the window, a random start sentence in it.
     c_doc = np.asarray(c_doc, dtype=np.int64)
     if can_not:
-        pd = (uniform(keys, S_PARTNER) * (n_docs - 1)).astype(np.int64)
+        pd = (u_partner * (n_docs - 1)).astype(np.int64)
         pd = np.minimum(pd, n_docs - 2)
         pd = pd + (pd >= c_doc)
     else:
@@ -190,7 +196,7 @@ def nsp_segments(
     pd_s0 = doc_off[pd]
     pd_s1 = doc_off[pd + 1]
     pd_n = pd_s1 - pd_s0
-    p_start = pd_s0 + np.minimum((uniform(keys, S_PARTNER_START) * pd_n).astype(np.int64), np.maximum(pd_n - 1, 0))
+    p_start = pd_s0 + np.minimum((u_pstart * pd_n).astype(np.int64), np.maximum(pd_n - 1, 0))
     target_b = np.maximum(np.asarray(c_target, dtype=np.int64) - la, 1)
     p_end = np.searchsorted(sent_cs, sent_cs[p_start] + target_b, side="left")
     p_end = np.minimum(np.maximum(p_end, p_start + 1), pd_s1)
@@ -200,8 +206,8 @@ def nsp_segments(
     lb = sent_cs[b_s1] - sent_cs[b_s0]
     la2, lb2 = truncate_lengths(la, lb, M)
     ra, rb = la - la2, lb - lb2
-    fa = binomial_half(ra, keys, S_TRUNC_A, S_TRUNC_A2)
-    fb = binomial_half(rb, keys, S_TRUNC_B, S_TRUNC_B2)
+    fa = binomial_half(ra, keys, S_TRUNC_A, S_TRUNC_A2, h=h[:, 4])
+    fb = binomial_half(rb, keys, S_TRUNC_B, S_TRUNC_B2, h=h[:, 5])
     label = np.where(is_next, IS_NEXT, np.where(has_b, NOT_NEXT, IGNORE_INDEX)).astype(np.int64)
     return Segments(
         a_tok=sent_cs[c_start] + fa, la=la2, b_tok=sent_cs[b_s0] + fb, lb=lb2, nsp_label=label,
@@ -243,7 +249,9 @@ def assemble(
     length = (3 + la + lb) if nsp else (2 + la)
     if nsp:
         length = np.where(seg.nsp_label == IGNORE_INDEX, 2 + la, length)
-    block = np.full((len(rows), L), specials.pad, dtype=out_ids.dtype)
+    # All rows in order (the usual case): write in place; ``out_ids`` arrives filled with [PAD].
+    whole = len(rows) == len(out_ids) and bool((rows == np.arange(len(rows))).all())
+    block = out_ids if whole else np.full((len(rows), L), specials.pad, dtype=out_ids.dtype)
     # Token copies: two contiguous slices per sample (faster than fancy indexing, any length).
     a0 = (seg.a_tok - tok_base[a_src]).tolist()
     b0 = (seg.b_tok - tok_base[b_src]).tolist()
@@ -259,8 +267,13 @@ def assemble(
     block[r, 1 + la] = specials.sep
     has_b = length > 2 + la
     block[r[has_b], (2 + la + lb)[has_b]] = specials.sep
-    out_ids[rows] = block
+    if not whole:
+        out_ids[rows] = block
     if nsp:
         col = np.arange(L, dtype=np.int64)[None, :]
-        out_types[rows] = ((col >= 2 + la[:, None]) & (col < length[:, None])).astype(out_types.dtype)
+        types = (col >= 2 + la[:, None]) & (col < length[:, None])
+        if whole:
+            out_types[...] = types
+        else:
+            out_types[rows] = types
     return length

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ptft_dist.inspection import print_samples
 from ptft_dist.stream.dataset import PretrainingStream, to_torch
 from ptft_dist.stream.loader import (
     BATCH_KEYS,
+    PackedBatch,
     StreamingLoader,
     build_train_loader,
     build_validation_loader,
@@ -148,6 +150,18 @@ def test_same_sample_same_content_any_world_size():
     assert one == three
 
 
+def test_steps_built_together_equal_steps_built_alone():
+    """Workers build several micro-steps in one pass; each must equal the step built alone, down to
+    its own padding width and every mask (docs/design.md, guarantee 1)."""
+    ds = stream(corpus_for((5, 1, 7, 2, 3)), 1, 0, 4, pad_to_multiple_of=8)
+    steps = [np.array([0, 1, 2, 3]), np.array([9]), np.array([4, 8, 7, 6, 5, 10])]
+    for p, got in zip(steps, ds.batches_at(0, steps), strict=True):
+        want = ds.batch_at(0, p)
+        assert want["input_ids"].shape[1] == -(-want["max_seqlen"] // 8) * 8
+        for k, v in want.items():
+            assert (np.array_equal(got[k], v) and got[k].dtype == v.dtype) if isinstance(v, np.ndarray) else got[k] == v, k
+
+
 # --------------------------------------------------------------------------- batch format
 
 
@@ -240,13 +254,13 @@ def test_resume_does_not_iterate(monkeypatch):
     ld = StreamingLoader(stream(root, 1, 0, 2), num_workers=0)
     n = ld.dataset.num_samples(0)
     built = []
-    orig = PretrainingStream.batch_at
+    orig = PretrainingStream.batches_at
 
-    def spy(self, epoch, positions, pad_if_empty=True):
-        built.append(np.asarray(positions).tolist())
-        return orig(self, epoch, positions, pad_if_empty)
+    def spy(self, epoch, steps, pad_if_empty=True):
+        built.extend(np.asarray(p).tolist() for p in steps)
+        return orig(self, epoch, steps, pad_if_empty)
 
-    monkeypatch.setattr(PretrainingStream, "batch_at", spy)
+    monkeypatch.setattr(PretrainingStream, "batches_at", spy)
     ld.load_state_dict({"epoch": 0, "consumed": n - 3, "seed": 42})
     out = list(ld)
     assert built == [[n - 3, n - 2], [n - 1]]
@@ -435,15 +449,19 @@ def test_pack_unpack_round_trip(compact):
         "indices": np.arange(21, dtype=np.int64),
         "max_seqlen": 7,
     }
-    got, want = unpack_batch(pack_batch(batch, compact=compact)), to_torch(batch)
-    assert set(got) == set(want)
-    for k, v in want.items():
-        if isinstance(v, torch.Tensor):
-            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
-        else:
-            assert got[k] == v
-    small = pack_batch(batch, compact=True)["__ptft_packed__"].numel()
-    assert small < pack_batch(batch, compact=False)["__ptft_packed__"].numel() or not compact
+    packed = pack_batch(batch, compact=compact)
+    # what a worker sends: pickled through the pipe; the tensor form is what pin_memory() gives
+    sent = pickle.loads(pickle.dumps(packed))
+    as_tensor = PackedBatch(torch.frombuffer(sent.buffer, dtype=torch.uint8), sent.layout, sent.extras)
+    want = to_torch(batch)
+    for got in (unpack_batch(sent), unpack_batch(as_tensor)):
+        assert set(got) == set(want)
+        for k, v in want.items():
+            if isinstance(v, torch.Tensor):
+                assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+            else:
+                assert got[k] == v
+    assert pack_batch(batch, compact=True).nbytes < pack_batch(batch, compact=False).nbytes
 
 
 def test_forever_crosses_epochs_and_empty_split_is_refused(tmp_path):
