@@ -39,7 +39,6 @@ BATCH_KEYS = (*MODEL_INPUTS, "sample_ids")
 # --------------------------------------------------------------------------- worker transport
 
 
-_TORCH_DTYPES = {"|u1": "uint8", "<u2": "uint16", "<i2": "int16", "<i4": "int32", "<i8": "int64"}
 
 
 _NARROW = [(np.dtype(t), int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in (np.uint8, np.int16, np.uint16, np.int32)]
@@ -65,8 +64,9 @@ class PackedBatch:
     shared-memory segment and a file-descriptor hand-over per batch (~1 ms of CPU on each side,
     more than building the batch; measured with benchmarks/loader_throughput.py, docs/performance.md).
     ``layout``: (key, wire dtype, final dtype, shape, byte offset) per array field; ``extras``:
-    the non-array fields. The DataLoader's pin-memory thread calls :meth:`pin_memory`, which turns
-    the buffer into one pinned tensor the unpacked fields are views of.
+    the non-array fields. Workers always send the compact form; the DataLoader's pin-memory thread
+    calls :meth:`pin_memory`, which widens the fields there (off the training thread) into one
+    pinned tensor the unpacked fields are views of.
     """
 
     __slots__ = ("buffer", "layout", "extras")
@@ -79,10 +79,15 @@ class PackedBatch:
         return self.buffer.numel() if isinstance(self.buffer, torch.Tensor) else len(self.buffer)
 
     def pin_memory(self, device: Any = None) -> PackedBatch:
-        buf = self.buffer
-        if not isinstance(buf, torch.Tensor):
-            buf = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8)) if len(buf) else torch.empty(0, dtype=torch.uint8)
-        return PackedBatch(buf.pin_memory(), self.layout, self.extras)
+        packed = self
+        if not isinstance(packed.buffer, torch.Tensor):
+            if any(wire != final for _, wire, final, _, _ in packed.layout):  # widen: pinned fields stay views
+                packed = pack_batch(_numpy_fields(packed), compact=False)
+            raw = packed.buffer
+            buf = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8)) if len(raw) else torch.empty(0, dtype=torch.uint8)
+        else:
+            buf = packed.buffer
+        return PackedBatch(buf.pin_memory(), packed.layout, self.extras)
 
     def __getstate__(self) -> tuple:
         return self.buffer, self.layout, self.extras
@@ -107,17 +112,33 @@ def pack_batch(batch: dict[str, Any], compact: bool = True) -> PackedBatch:
     return PackedBatch(raw, layout, extras)
 
 
+def _torch_dtype(numpy_dtype: str) -> torch.dtype:
+    """torch's dtype for a numpy dtype string (every one numpy and torch share; no silent fallback)."""
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(numpy_dtype))).dtype
+
+
 def _unpack_tensor(buf: torch.Tensor, layout: list[tuple]) -> dict[str, Any]:
     """Fields as views of a (pinned) byte tensor; widened fields are copies."""
     out: dict[str, Any] = {}
     for k, wire, final, shape, o in layout:
         shape = [int(x) for x in shape]
-        n = int(np.prod(shape)) if shape else 1
-        wdt = getattr(torch, _TORCH_DTYPES.get(wire, "int64"))
-        nbytes = n * torch.empty(0, dtype=wdt).element_size()
+        wdt, fdt = _torch_dtype(wire), _torch_dtype(final)
+        nbytes = math.prod(shape) * np.dtype(wire).itemsize
         t = buf[o : o + nbytes].view(wdt).view(*shape)
-        fdt = getattr(torch, _TORCH_DTYPES.get(final, "int64"))
         out[k] = t if wdt == fdt else t.to(fdt)
+    return out
+
+
+def _numpy_fields(item: PackedBatch) -> dict[str, Any]:
+    """The fields of a bytearray-backed batch as numpy arrays of their final dtypes (views where
+    the wire dtype is the final one), its non-array fields included."""
+    out: dict[str, Any] = {}
+    raw = np.frombuffer(item.buffer, dtype=np.uint8)
+    for k, wire, final, shape, o in item.layout:
+        wdt = np.dtype(wire)
+        a = raw[o : o + math.prod(shape) * wdt.itemsize].view(wdt).reshape(shape)
+        out[k] = a if wire == final else a.astype(final)
+    out.update(item.extras)
     return out
 
 
@@ -127,21 +148,15 @@ def unpack_batch(item: Any) -> Any:
         return item
     if isinstance(item.buffer, torch.Tensor):
         out = _unpack_tensor(item.buffer, item.layout)
-    else:  # numpy views of the (writable) bytearray: a few µs per field, torch shares the memory
-        out = {}
-        raw = np.frombuffer(item.buffer, dtype=np.uint8)
-        for k, wire, final, shape, o in item.layout:
-            wdt = np.dtype(wire)
-            a = raw[o : o + math.prod(shape) * wdt.itemsize].view(wdt).reshape(shape)
-            out[k] = torch.from_numpy(a if wire == final else a.astype(final))
-    out.update(item.extras)
-    return out
+        out.update(item.extras)
+        return out
+    # numpy views of the (writable) bytearray: a few µs per field, torch shares the memory
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in _numpy_fields(item).items()}
 
 
 class _WorkerBatches(IterableDataset):
     """What a DataLoader worker runs: its share of the stream's micro-steps, each sent as a
-    :class:`PackedBatch`; ``compact=False`` keeps every field's dtype, so a pinned buffer gives
-    pinned fields."""
+    :class:`PackedBatch` (compact: the pin-memory thread widens it, :meth:`PackedBatch.pin_memory`)."""
 
     def __init__(self, dataset: PretrainingStream, compact: bool):
         self.dataset, self.compact = dataset, compact
@@ -243,7 +258,7 @@ class StreamingLoader:
         from torch.utils.data import DataLoader
 
         loader = DataLoader(  # a private generator: never draw from the global RNG a resume restores
-            _WorkerBatches(self.dataset, compact=not self.pin_memory), batch_size=None,
+            _WorkerBatches(self.dataset, compact=True), batch_size=None,
             num_workers=min(self.num_workers, steps), pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(0),
             prefetch_factor=self.prefetch_factor, persistent_workers=False,

@@ -162,6 +162,25 @@ def test_steps_built_together_equal_steps_built_alone():
             assert (np.array_equal(got[k], v) and got[k].dtype == v.dtype) if isinstance(v, np.ndarray) else got[k] == v, k
 
 
+@pytest.mark.parametrize("workers,consumed", [(1, 0), (2, 6)])
+def test_pass_boundaries_inside_the_epoch_change_no_step(monkeypatch, workers, consumed):
+    """A worker builds up to _SAMPLES_PER_PASS samples per pass; the test corpora are smaller than
+    one pass, so a tiny pass puts boundaries inside the epoch (and a resume inside a pass): every
+    step still equals the step built alone."""
+    from ptft_dist.stream import dataset as dataset_mod
+
+    ds = stream(corpus_for((5, 1, 7, 2, 3)), 2, 1, 2)
+    ds.set_position(0, consumed)
+    n = ds.num_samples(0)
+    alone = [ds.batch_at(0, ds.rank_positions(k, consumed, n)) for k in range(ds.steps_in_epoch(0, consumed))]
+    monkeypatch.setattr(dataset_mod, "_SAMPLES_PER_PASS", 3 * 2)  # 3 steps of micro-batch 2 per pass
+    got = rank_batches(ds, workers)
+    assert len(got) == len(alone) > 3 * workers
+    for g, want in zip(got, alone):
+        for k, v in want.items():
+            assert (np.array_equal(g[k], v) and g[k].dtype == v.dtype) if isinstance(v, np.ndarray) else g[k] == v, k
+
+
 # --------------------------------------------------------------------------- batch format
 
 
@@ -462,6 +481,23 @@ def test_pack_unpack_round_trip(compact):
             else:
                 assert got[k] == v
     assert pack_batch(batch, compact=True).nbytes < pack_batch(batch, compact=False).nbytes
+
+
+def test_pin_memory_widens_compact_batches_into_one_pinned_buffer(monkeypatch):
+    """GPU runs pin batches: the worker still sends the compact form; the pin thread widens it into
+    one buffer every field is a view of (no GPU here: ``Tensor.pin_memory`` is a stand-in, named so)."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())  # stand-in: no CUDA
+    batch = {"input_ids": np.array([[2, 7, 3], [2, 9, 0]]), "labels": np.array([[-100, 7, -100], [-100, -100, -100]]),
+             "weights": np.array([0.5, 1.5], dtype=np.float32), "flags": np.array([True, False]),
+             "attention_mask": np.array([[1, 1, 1], [1, 1, 0]])}
+    packed = pack_batch(batch, compact=True)
+    assert any(wire != final for _, wire, final, _, _ in packed.layout)
+    pinned = pickle.loads(pickle.dumps(packed)).pin_memory()
+    assert isinstance(pinned.buffer, torch.Tensor)
+    got = unpack_batch(pinned)
+    for k, v in to_torch(batch).items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+        assert got[k].untyped_storage().data_ptr() == pinned.buffer.untyped_storage().data_ptr(), k
 
 
 def test_forever_crosses_epochs_and_empty_split_is_refused(tmp_path):
