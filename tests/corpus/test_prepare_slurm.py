@@ -8,11 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ptft_dist.corpus import format as sh
 from tests.corpus.test_prepare import corpus_texts
 from tests.text_factory import documents
 
 
+# CI runs the SLURM executor through slurm/prepare.sbatch (tests/launch/test_slurm_jobs.py,
+# test_prepare_job_makes_a_verified_corpus[slurm], which also compares with a local prepare); this
+# direct ``ptft prepare prepare.executor=slurm`` run is the extended one
+@pytest.mark.extended
 def test_prepare_runs_as_dependent_slurm_jobs(slurm_cluster, tmp_path):
     src = tmp_path / "raw.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(80, seed=31)))

@@ -425,5 +425,12 @@ def test_prepare_job_makes_a_verified_corpus(slurm_cluster, tmp_path, mode):
     if mode == "slurm":
         assert "submitted 8 dependent SLURM jobs" in log and "the chain finished" in log
         assert list((out / ".prepare" / "slurm_logs" / "ingest").glob("*_1.out"))  # a real 2-task array
+        # the chain of array jobs writes the corpus a local prepare writes (the same documents)
+        from ptft_dist.cli import main
+        from tests.corpus.test_prepare import corpus_texts
+
+        local = tmp_path / "local"
+        assert main(["prepare", "-i", str(src), "-o", str(local), "prepare.workers=1", *extra[:2]]) == 0
+        assert sorted(corpus_texts(out)) == sorted(corpus_texts(local))
     else:
         assert "with 2 worker process(es)" in log

@@ -71,7 +71,9 @@ def run_ranks(overrides: list[str], out: Path, ranks: int = 2, timeout: float = 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# CI checks the ends (no partitioning, everything partitioned); ZeRO-1/2 (-1..+6% measured) run extended
+@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.extended),
+                                   pytest.param(2, marks=pytest.mark.extended), 3])
 def test_memory_and_bytes_per_step_match_a_real_run(stage, corpus, tmp_path):
     overrides = [*SHAPE, f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"train.zero_stage={stage}",
                  f"train.run_dir={tmp_path / 'run'}", f"train.deepspeed_config={comms_logged_config(stage, tmp_path)}"]

