@@ -2,9 +2,9 @@
 
     python benchmarks/lora_vs_full.py [--model DIR] [--seeds 3] [--epochs 2] [--quick] [--out FILE]
 
-Tasks (data written by the script, the generators of the tests: tests/finetune/task_factory.py and
-tests/finetune/test_finetune.py): sentence classification (accuracy), NER (entity F1), SQuAD v2
-extractive QA (F1). Each (task, method, seed) is one real ``ptft finetune`` run in a subprocess,
+Tasks: sentence classification (accuracy; Rotten Tomatoes from the demo data, ``--rt-train``
+sentences, or generated sentences with ``--synthetic-classification``), NER (entity F1) and SQuAD v2
+extractive QA (F1) on data written by the tests' generators (tests/finetune/task_factory.py). Each (task, method, seed) is one real ``ptft finetune`` run in a subprocess,
 same data, batch and epochs for both methods; full uses ``--full-lr``, LoRA ``--lora-lr``.
 ``--model``: a BERT-family directory (default: MiniLM-L6 unpacked by ``ptft demo-data
 --with-minilm`` into ``--work``); ``--quick``: a tiny random BERT, one seed, one epoch (checks
@@ -24,7 +24,7 @@ import yaml
 from _common import bench_env, emit, machine_info, ptft_command, run_checked  # puts the checkout on sys.path
 
 TASKS = {  # task -> (task_type, file suffix, metric, max_seq_len, extra finetune keys)
-    "classification": ("classification", "tsv", "accuracy", 32, {}),
+    "classification": ("classification", "tsv", "accuracy", 64, {}),
     "ner": ("token_classification", "conll", "f1", 48, {}),
     "qa": ("extractive_qa", "json", "f1", 64, {"doc_stride": 16}),
 }
@@ -59,12 +59,21 @@ def minilm(work: Path) -> Path:
     return work / "demo" / "minilm"
 
 
+def split_files(work: Path, task: str, ext: str, args: argparse.Namespace) -> dict:
+    """The task's train/validation/test files; Rotten Tomatoes (real sentences) for classification
+    unless ``--synthetic-classification``."""
+    if task == "classification" and not args.synthetic_classification:
+        rt = work / "demo" / "rotten_tomatoes"
+        return {**{f"{s}_file": str(rt / f"{s}.tsv") for s in SIZES}, "max_train_samples": args.rt_train}
+    return {f"{s}_file": str(work / "data" / f"{s}.{ext}") for s in SIZES}
+
+
 def run_one(work: Path, model: Path, task: str, method: str, seed: int, args: argparse.Namespace) -> float:
     task_type, ext, metric, seq, extra = TASKS[task]
     out = work / "runs" / f"{task}-{method}-{seed}"
     ft = {"model": str(model), "task_type": task_type, "method": method, "epochs": args.epochs,
           "batch_size": 16, "max_seq_len": seq, "lr": args.full_lr, "lora_lr": args.lora_lr,
-          "output_dir": str(out), **{f"{s}_file": str(work / "data" / f"{s}.{ext}") for s in SIZES}, **extra}
+          "output_dir": str(out), **split_files(work, task, ext, args), **extra}
     config = work / "configs" / f"{task}-{method}-{seed}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({"finetune": ft, "train": {"seed": seed, "backend": "deepspeed", "zero_stage": 2}}))
@@ -89,15 +98,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--quick", action="store_true", help="tiny random model, 1 seed, 1 epoch: checks the script runs")
+    p.add_argument("--rt-train", type=int, default=2000, help="Rotten Tomatoes train sentences (classification)")
+    p.add_argument("--synthetic-classification", action="store_true",
+                   help="generated sentences instead of Rotten Tomatoes for the classification task")
     p.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
     p.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.full_lr, args.lora_lr = 1, 1, 2e-3, 5e-3
+        args.synthetic_classification = True
     work = args.work or Path(tempfile.mkdtemp(prefix="lora_vs_full-"))
     (work / "data").mkdir(parents=True, exist_ok=True)
     write_data(work / "data")
     model = args.model or (tiny_model(work) if args.quick else minilm(work))
+    if not args.synthetic_classification:
+        from ptft_dist.demo.data import fetch_demo_data
+
+        fetch_demo_data(work / "demo", with_minilm=False)
     report: dict = {"benchmark": "lora_vs_full", "model": str(model), "quick": args.quick, "epochs": args.epochs,
                     "seeds": args.seeds, "lr": {"full": args.full_lr, "lora": args.lora_lr}, "tasks": {}}
     for task in [t for t in args.tasks.split(",") if t]:
