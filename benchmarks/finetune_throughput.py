@@ -5,8 +5,10 @@ CoNLL data (NER sentences of the tests' generator, tests/finetune/task_factory.p
 same batch, epochs, learning rate, warm-up ratio and weight decay, fp32 on CPU, one process each:
 
 * **ptft**: the real CLI, ``ptft finetune`` with ``task_type: token_classification``, full fine-tuning,
-  its defaults otherwise (DeepSpeed ZeRO-0, length-grouped batches, packed real tokens); examples/s =
-  ``timings.train_samples_per_s`` of results.json (training time of the epochs, validation excluded).
+  its defaults otherwise (DeepSpeed, ``train.zero_stage`` 2 which one rank runs as ZeRO-0,
+  length-grouped batches; token classification has no packed path, and grouped batches of these
+  sentences are ~98% real tokens anyway); examples/s = ``timings.train_samples_per_s`` of
+  results.json (training time of the epochs, validation excluded).
 * **HF**: ``Trainer`` + ``AutoModelForTokenClassification`` + ``DataCollatorForTokenClassification``
   over the same sentences tokenized with ``is_split_into_words`` and labels on the first piece of a
   word (ptft's ``label_subwords: first``), as HF's ``run_ner.py`` does; examples/s =
@@ -15,6 +17,9 @@ same batch, epochs, learning rate, warm-up ratio and weight decay, fp32 on CPU, 
 
 Runs alternate ptft / HF / HF-grouped ``--repeats`` times, so a change in the machine's load hits
 all; medians are reported. ``ratio`` = ptft / HF default, ``ratio_vs_grouped`` = ptft / HF grouped.
+On a shared machine wall time follows the neighbours' load: each side also reports examples per
+CPU-second of training (``train_cpu_s``: its process, all threads, ``time.process_time``) and
+``ratio_per_cpu_s[_vs_grouped]``, and each run the 1-minute load average it started under.
 
     python benchmarks/finetune_throughput.py [--model DIR] [--examples 2048] [--batch 32] [--repeats 3]
     python benchmarks/finetune_throughput.py --smoke   # tiny random BERT, a few hundred examples (~1 min)
@@ -64,11 +69,15 @@ def run_ptft(model: Path, data: dict[str, Path], args: argparse.Namespace, work:
     config = work / f"ptft{tag}.yaml"
     config.write_text(yaml.safe_dump({"finetune": ft, "optim": {"weight_decay": WEIGHT_DECAY},
                                       "train": {"seed": SEED, "precision": "fp32"}}))
-    res = run_checked(ptft_command("finetune", ["--config", str(config)]), bench_env(args.threads),
+    load_before = load_average()[:1]
+    res = run_checked(ptft_command("finetune", ["--config", str(config), *args.ptft_set]), bench_env(args.threads),
                       timeout=args.timeout, log=work / f"ptft{tag}.log")
     results = json.loads((out / "results.json").read_text())
-    return {"examples_per_s": results["timings"]["train_samples_per_s"], "train_s": results["timings"]["train_s"],
-            "test_f1": results["test"]["f1"], "process_wall_s": round(res["wall_s"], 1)}
+    timings = results["timings"]
+    return {"examples_per_s": timings["train_samples_per_s"], "train_s": timings["train_s"],
+            "examples_per_cpu_s": round(args.examples * args.epochs / timings["train_cpu_s"], 2),
+            "train_cpu_s": timings["train_cpu_s"], "test_f1": results["test"]["f1"],
+            "process_wall_s": round(res["wall_s"], 1), "load_1m_before": load_before}
 
 
 def run_hf(model: Path, data: dict[str, Path], args: argparse.Namespace, work: Path, tag: str, grouped: bool) -> dict:
@@ -76,10 +85,12 @@ def run_hf(model: Path, data: dict[str, Path], args: argparse.Namespace, work: P
     spec.write_text(json.dumps({"model": str(model), "train": str(data["train"]), "test": str(data["test"]),
                                 "epochs": args.epochs, "batch": args.batch, "max_seq_len": args.max_seq_len,
                                 "grouped": grouped, "output_dir": str(spec.with_suffix(""))}))
+    load_before = load_average()[:1]
     res = run_checked([PY, str(Path(__file__).resolve()), "--hf-worker", str(spec)], bench_env(args.threads),
                       timeout=args.timeout, log=spec.with_suffix(".log"))
     out = json.loads(spec.with_suffix(".result").read_text())
-    out["process_wall_s"] = round(res["wall_s"], 1)
+    out["examples_per_cpu_s"] = round(args.examples * args.epochs / out["train_cpu_s"], 2)
+    out["process_wall_s"], out["load_1m_before"] = round(res["wall_s"], 1), load_before
     return out
 
 
@@ -136,7 +147,9 @@ def hf_worker(spec_path: str) -> None:
         train_sampling_strategy="group_by_length" if spec["grouped"] else "random")
     trainer = Trainer(model=model, args=targs, train_dataset=Rows(encode(train)),
                       data_collator=DataCollatorForTokenClassification(tok))
+    cpu0 = time.process_time()  # this process, all threads: as ptft's timings.train_cpu_s
     metrics = trainer.train().metrics
+    train_cpu_s = time.process_time() - cpu0
     # entity F1 of the trained model on test, the seqeval way (a check that both sides learned alike)
     from seqeval.metrics import f1_score
 
@@ -150,13 +163,15 @@ def hf_worker(spec_path: str) -> None:
             gold.append(tags[: len(first)])
     Path(spec_path).with_suffix(".result").write_text(json.dumps({
         "examples_per_s": metrics["train_samples_per_second"], "train_s": metrics["train_runtime"],
-        "test_f1": f1_score(gold, pred)}))
+        "train_cpu_s": round(train_cpu_s, 3), "test_f1": f1_score(gold, pred)}))
 
 
 def _median(runs: list[dict]) -> dict:
     ranked = sorted(runs, key=lambda r: r["examples_per_s"])
     out = dict(ranked[(len(ranked) - 1) // 2])
     out["examples_per_s_all_runs"] = [round(r["examples_per_s"], 1) for r in runs]
+    out["examples_per_cpu_s_all_runs"] = [r["examples_per_cpu_s"] for r in runs]
+    out["median_examples_per_cpu_s"] = statistics.median(r["examples_per_cpu_s"] for r in runs)
     return out
 
 
@@ -171,6 +186,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="OMP threads, both sides (default: usable CPUs)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--smoke", action="store_true", help="tiny random BERT, 256 examples, one repeat")
+    ap.add_argument("--ptft-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a ptft config override, repeatable; e.g. train.deepspeed_config=ds_configs/zero2.json "
+                         "runs the 1-rank ZeRO-2 engine of before issue 13")
     ap.add_argument("--work", type=Path, default=None, help="keep runs and logs here")
     ap.add_argument("--out", default=None, help="also write the JSON report here")
     ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
@@ -204,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report: dict[str, Any] = {
         "benchmark": "finetune_throughput", "task": "token_classification (CoNLL NER, tests' generator)",
         "model": str(model), "examples": args.examples, "epochs": args.epochs, "batch": args.batch,
-        "max_seq_len": args.max_seq_len, "precision": "fp32", "repeats": args.repeats,
+        "max_seq_len": args.max_seq_len, "precision": "fp32", "repeats": args.repeats, "ptft_set": args.ptft_set,
         **{side: _median(runs) for side, runs in sides.items()},
     }
     report["ratio"] = round(report["ptft"]["examples_per_s"] / report["hf_trainer"]["examples_per_s"], 3)
@@ -212,6 +230,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                        / report["hf_trainer_grouped"]["examples_per_s"], 3)
     report["ratio_all_repeats"] = [round(p["examples_per_s"] / h["examples_per_s"], 3)
                                    for p, h in zip(sides["ptft"], sides["hf_trainer"])]
+    report["ratio_vs_grouped_all_repeats"] = [round(p["examples_per_s"] / h["examples_per_s"], 3)
+                                              for p, h in zip(sides["ptft"], sides["hf_trainer_grouped"])]
+    cpu = {side: report[side]["median_examples_per_cpu_s"] for side in sides}
+    report["ratio_per_cpu_s"] = round(cpu["ptft"] / cpu["hf_trainer"], 3)
+    report["ratio_per_cpu_s_vs_grouped"] = round(cpu["ptft"] / cpu["hf_trainer_grouped"], 3)
     report["seconds"] = round(time.time() - t0, 1)
     report["load_average_before"], report["load_average_after"] = load_before, load_average()
     report["machine"] = machine_info()

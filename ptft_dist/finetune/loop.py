@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ptft_dist.checkpoint.manager import CHECKPOINTS_DIR
+from ptft_dist.checkpoint.universal import read_meta
 from ptft_dist.config import Config, save_resolved
 from ptft_dist.dist.collectives import broadcast_object, mean_over_ranks
 from ptft_dist.dist.discover import discover
@@ -150,10 +151,14 @@ class Run:
             log.info(msg)
 
 
-def build_run(prep: Prepared, env: DistEnv, device: torch.device) -> Run:
+def build_run(prep: Prepared, env: DistEnv, device: torch.device, resume_from: Optional[Path] = None) -> Run:
     """The engine around the prepared model, and what every step needs from it."""
     s = prep.settings
-    plan = plan_steps(s, len(prep.encoded["train"]), env.world_size)
+    resumed_stage = read_meta(resume_from).get("zero_stage") if resume_from is not None else None
+    plan = plan_steps(s, len(prep.encoded["train"]), env.world_size, resumed_stage)
+    if env.is_main and plan.engine_train.zero_stage != s.engine_train.zero_stage:
+        log.info(f"1 rank: ZeRO-{s.engine_train.zero_stage} has nothing to partition; running ZeRO-"
+                 f"{plan.engine_train.zero_stage} (the same updates, without ZeRO's per-step gradient copies)")
     params = count_parameters(prep.model)
     engine = build_engine(prep.model, plan.engine_train, plan.engine_optim,
                           lr_lambda(plan.engine_optim, plan.max_steps), env.world_size, device)
@@ -258,10 +263,13 @@ def fit(run: Run, progress: Progress) -> Progress:
     """Train → validate → export the best, epoch by epoch, from where ``progress`` stands."""
     epochs = run.prep.settings.ft.epochs
     for epoch in range(progress.epoch, epochs + 1):
-        t0, c0 = time.perf_counter(), compile_seconds()  # finetune.compile: compile time kept apart
+        t0, c0, cpu0 = time.perf_counter(), compile_seconds(), time.process_time()  # compile time kept apart
         train_loss = train_epoch(run, epoch, progress)
         c1 = compile_seconds()
         progress.timings["train_s"] += time.perf_counter() - t0 - (c1 - c0)
+        # CPU seconds of this process (all its threads): a second view of throughput on a shared machine
+        # (benchmarks/finetune_throughput.py); heavy oversubscription inflates it too (OpenMP spin-waits)
+        progress.timings["train_cpu_s"] = progress.timings.get("train_cpu_s", 0.0) + time.process_time() - cpu0 - (c1 - c0)
         t0 = time.perf_counter()
         val = validate(run)
         c2 = compile_seconds()
@@ -379,7 +387,7 @@ def finetune(cfg: Config) -> dict:
     resume_from = ckpt.resolve()  # a collective; refuses a checkpoint of other settings before anything is written
     if env.is_main:
         start_output_dir(cfg, Path(prep.settings.ft.output_dir), resuming=resume_from is not None)
-    run = build_run(prep, env, device)
+    run = build_run(prep, env, device, resume_from)
     run.ckpt = ckpt
     progress = ckpt.load(run.engine, resume_from, run.out_dir / BEST)
     announce(run)

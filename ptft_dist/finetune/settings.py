@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from ptft_dist.config import CheckpointConfig, Config, FinetuneConfig, OptimConfig, TrainConfig
 from ptft_dist.config_rules import FINETUNE_NOT_USED, unused_key_problems
@@ -101,15 +102,33 @@ class Plan:
     engine_optim: OptimConfig  # peak lr, linear schedule with finetune.warmup_ratio warmup
 
 
-def plan_steps(s: Settings, n_train: int, world: int) -> Plan:
+def plan_steps(s: Settings, n_train: int, world: int, resumed_stage: Optional[int] = None) -> Plan:
     """Steps and the engine's view of the run. The fields filled in here are the ones
-    :func:`refuse_unused_keys` makes sure the user did not set: nothing the user wrote is replaced."""
+    :func:`refuse_unused_keys` makes sure the user did not set: nothing the user wrote is replaced
+    (the ZeRO stage of a 1-rank run aside, which changes no update: :func:`effective_zero_stage`)."""
     ft = s.ft
     micro_per_epoch = math.ceil(math.ceil(n_train / world) / ft.batch_size)
     max_steps = max(1, ft.epochs * micro_per_epoch // max(s.grad_accum, 1))
     warmup = min(max_steps, round(float(ft.warmup_ratio) * max_steps))
-    train = dataclasses.replace(s.engine_train, micro_batch_size=ft.batch_size, max_steps=max_steps)
+    train = dataclasses.replace(s.engine_train, micro_batch_size=ft.batch_size, max_steps=max_steps,
+                                zero_stage=effective_zero_stage(s.engine_train, world, resumed_stage))
     optim = dataclasses.replace(s.engine_optim, lr=s.lr, schedule="linear", warmup_steps=warmup)
     return Plan(max_steps, warmup, train, optim)
 
 
+
+
+def effective_zero_stage(train: TrainConfig, world: int, resumed_stage: Optional[int] = None) -> int:
+    """The ZeRO stage the engine runs. ZeRO-1/2 partition optimizer state and gradients over the
+    ranks; at one rank there is nothing to partition, and DeepSpeed's ZeRO-1/2 optimizer only adds
+    work each step (every gradient copied into a flat bucket and into a flat fp32 copy, the norm
+    computed twice): on CPU that made ``ptft finetune`` slower than HF ``Trainer`` (issue 13;
+    docs/finetuning.md, "Speed"). A 1-rank run therefore uses ZeRO-0: the same updates. Left as
+    set: ZeRO-3 (chosen to build and hold a model partitioned), offload, the user's own DeepSpeed
+    JSON, the Accelerate backend, and a run resumed from a ZeRO-1/2 checkpoint (``resumed_stage``:
+    its optimizer state is in ZeRO's layout)."""
+    stage = int(train.zero_stage)
+    if (world == 1 and stage in (1, 2) and train.backend == "deepspeed" and not train.deepspeed_config
+            and not (train.offload_optimizer or train.offload_params) and resumed_stage not in (1, 2)):
+        return 0
+    return stage

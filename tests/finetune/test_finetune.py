@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -146,6 +147,10 @@ def test_full_finetune_learns_and_writes_a_complete_run(full_run, assets):
     assert r["task"]["label_names"] == ["neg", "pos"] and r["task"]["examples"]["train"] == N_TRAIN
     assert r["best_epoch"] == max(range(1, 4), key=lambda e: (r["history"][e - 1]["validation"]["accuracy"], -e))
     out = assets / "full"
+    # train.zero_stage=2 at one rank runs as ZeRO-0 (nothing to partition; issue 13)
+    assert r["zero_stage"] == 0 and json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
+    t = r["timings"]  # CPU seconds of training: this process's threads, at most all CPUs the whole time
+    assert 0 < t["train_cpu_s"] <= t["train_s"] * (os.cpu_count() or 1) + 0.5
     assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "ptft_finetune.json"} <= \
         {p.name for p in (out / "best").iterdir()}
     assert (out / "resolved_config.yaml").is_file() and (out / "ds_config.json").is_file()
@@ -181,7 +186,8 @@ def test_lora_learns_and_merged_equals_adapter_plus_base(lora_run, assets):
 
 @pytest.mark.distributed
 def test_two_rank_zero2_matches_single_process(full_run, assets):
-    """Same seed, same global batch (2 ranks x 8 = 1 x 16): the same examples in every step."""
+    """Same seed, same global batch (2 ranks x 8 = 1 x 16): the same examples in every step (and the
+    same updates from the single process's ZeRO-0 as from ZeRO-2)."""
     r2 = run_finetune(write_config(assets, "full2"), "finetune.batch_size=8", nproc=2)
     assert r2["world_size"] == 2 and r2["zero_stage"] == 2 and r2["steps"] == full_run["steps"]
     for split in ("validation", "test"):

@@ -53,3 +53,19 @@ def test_honoured_engine_settings_reach_the_engine_and_the_schedule_comes_from_f
     assert (o.lr, o.schedule, o.warmup_steps) == (3e-5, "linear", plan.warmup_steps)
     assert (o.weight_decay, o.grad_clip, o.min_lr_ratio) == (0.05, 0.5, 0.1)
     assert cfg.optim.lr == 1e-4 and cfg.train.micro_batch_size == 8  # the user's config is left as it was
+
+
+@pytest.mark.parametrize("overrides, world, resumed, stage", [
+    ([], 1, None, 0),  # the default ZeRO-2 at one rank: nothing to partition, ZeRO-0 (issue 13)
+    (["train.zero_stage=1"], 1, None, 0),
+    ([], 2, None, 2),  # several ranks: as set
+    (["train.zero_stage=3"], 1, None, 3),  # chosen to build and hold the model partitioned
+    (["train.zero_stage=2", "train.offload_optimizer=true"], 1, None, 2),
+    (["train.deepspeed_config=ds_configs/zero2.json"], 1, None, 2),  # the user's own JSON decides
+    (["train.backend=accelerate"], 1, None, 2),
+    ([], 1, 2, 2),  # resumed from a ZeRO-2 checkpoint: its optimizer state is in ZeRO's layout
+    ([], 1, 0, 0),
+])
+def test_one_rank_runs_zero_1_2_as_zero_0(overrides, world, resumed, stage):
+    plan = plan_steps(read_settings(load_config(None, ["finetune.model=m", *overrides])), 64, world, resumed)
+    assert plan.engine_train.zero_stage == stage
