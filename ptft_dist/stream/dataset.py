@@ -380,7 +380,7 @@ class PretrainingStream(IterableDataset):
         plan = self.plan(epoch)
         wins = plan.window_of(positions)
         out = []
-        single = wins[0] == wins[-1] and wins.min() == wins.max()  # the usual case: one window
+        single = wins.min() == wins.max()  # the usual case: one window
         for w in [int(wins[0])] if single else np.unique(wins).tolist():
             rows = np.arange(len(wins)) if single else np.nonzero(wins == w)[0]
             win = self._window(epoch, w)

@@ -156,16 +156,16 @@ def unpack_batch(item: Any) -> Any:
 
 class _WorkerBatches(IterableDataset):
     """What a DataLoader worker runs: its share of the stream's micro-steps, each sent as a
-    :class:`PackedBatch` (compact: the pin-memory thread widens it, :meth:`PackedBatch.pin_memory`)."""
+    compact :class:`PackedBatch` (the pin-memory thread widens it, :meth:`PackedBatch.pin_memory`)."""
 
-    def __init__(self, dataset: PretrainingStream, compact: bool):
-        self.dataset, self.compact = dataset, compact
+    def __init__(self, dataset: PretrainingStream):
+        self.dataset = dataset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for batch in self.dataset.iter_numpy(wid, nw):
-            yield pack_batch(batch, compact=self.compact)
+            yield pack_batch(batch)
 
 
 # --------------------------------------------------------------------------- loader
@@ -258,7 +258,7 @@ class StreamingLoader:
         from torch.utils.data import DataLoader
 
         loader = DataLoader(  # a private generator: never draw from the global RNG a resume restores
-            _WorkerBatches(self.dataset, compact=True), batch_size=None,
+            _WorkerBatches(self.dataset), batch_size=None,
             num_workers=min(self.num_workers, steps), pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(0),
             prefetch_factor=self.prefetch_factor, persistent_workers=False,
