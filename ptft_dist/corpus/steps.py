@@ -314,6 +314,11 @@ class EncodeShards(PipelineStep):
         from ptft_dist.corpus.format import ShardWriter
 
         tok = Tokenizer.from_file(str(Path(self.corpus_dir) / "tokenizer" / "tokenizer.json"))
+        # A model's own tokenizer.json may pad and truncate every encoding (sentence-transformers ship
+        # MiniLM's with Fixed(128) padding): the corpus keeps each sentence whole and unpadded, the
+        # stream frames and truncates samples itself.
+        tok.no_padding()
+        tok.no_truncation()
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
         target = int(self.cfg.shard_size_mb * 2**20)
         writers = {

@@ -121,3 +121,24 @@ def test_a_vocabulary_above_65535_is_stored_as_uint32(tmp_path):
     assert data.tokens.dtype == np.dtype("<u4") and int(data.tokens.max()) > 65_535
     batch = next(PretrainingStream(cfg=cfg_for(corpus, nsp=False), micro_batch_size=4).iter_numpy())
     assert int(_originals(batch).max()) > 65_535  # ids above 65,535 reach the model intact
+
+
+def test_a_tokenizer_that_pads_and_truncates_is_stored_whole_and_unpadded(tmp_path):
+    """sentence-transformers ship MiniLM's tokenizer.json with Fixed(128) padding and truncation at 128:
+    prepare used to store every sentence padded with [PAD] to 128 tokens (and cut longer ones)."""
+    tok, specials = build_tokenizer("wordpiece", vocab_size=300)
+    plain_dir = save_tokenizer(tok, specials, tmp_path / "plain")
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=48)
+    tok.enable_truncation(max_length=6)
+    padded_dir = save_tokenizer(tok, specials, tmp_path / "padded")
+    assert json.loads((padded_dir / "tokenizer.json").read_text())["padding"]["strategy"] == {"Fixed": 48}
+    docs = [d.replace("\n\n", "\n") for d in texts(40, seed=9)]
+    shards = []
+    for name, tok_dir in (("plain", plain_dir), ("padded", padded_dir)):
+        (tmp_path / name / "in").mkdir(parents=True)
+        corpus = _prepare(tmp_path / name / "in", tok_dir, docs)
+        m = sh.load_manifest(corpus)
+        shards.append([sh.read_shard(corpus / s.path).tokens for s in m.shards("train")])
+    plain, padded = (np.concatenate(t) for t in shards)
+    assert np.array_equal(padded, plain)  # no [PAD] in the text, nothing cut at 6 tokens
+    assert int(np.diff(sh.read_shard(corpus / m.shards("train")[0].path).sentence_offsets).max()) > 6
