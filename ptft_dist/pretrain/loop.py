@@ -180,7 +180,8 @@ class Trainer:
         planned = planned_config(cfg.model, vocab, specials["pad"], specials)
         check_model_fits(planned, cfg.data.nsp, cfg.data.max_seq_len, specials, vocab)  # before a weight exists
         with model_build_context(cfg.train, cfg.optim, self.env.world_size, self.device, planned.hidden_size):
-            model = build_pretrainer(cfg.model, vocab, specials["pad"], nsp=cfg.data.nsp, special_ids=specials)
+            model = build_pretrainer(cfg.model, vocab, specials["pad"], nsp=cfg.data.nsp, special_ids=specials,
+                                     packed_rows=cfg.data.pack_samples)
         torch.manual_seed(cfg.train.seed)
         return model
 

@@ -163,10 +163,11 @@ def check_model_fits(config: PretrainedConfig, nsp: bool, max_seq_len: int, spec
 
 
 def build_pretrainer(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int, nsp: bool,
-                     special_ids: Optional[dict[str, int]] = None) -> MaskedLMPretrainer:
+                     special_ids: Optional[dict[str, int]] = None, packed_rows: bool = False) -> MaskedLMPretrainer:
     """A fresh ``model.arch`` model from the config, or ``model.init_from`` (an HF model directory
     with a masked-LM head: BERT, RoBERTa / XLM-R, DistilBERT, ModernBERT, ...) when set."""
-    kwargs = {"nsp": nsp, "sparse_mlm_head": model_cfg.sparse_mlm_head, "unpad": model_cfg.unpad}
+    kwargs = {"nsp": nsp, "sparse_mlm_head": model_cfg.sparse_mlm_head, "unpad": model_cfg.unpad,
+              "packed_rows": packed_rows}
     config = planned_config(model_cfg, vocab_size, pad_token_id, special_ids)
     if not model_cfg.init_from:
         A.check_objective(_arch_name(model_cfg), nsp)

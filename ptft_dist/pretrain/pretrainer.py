@@ -90,7 +90,7 @@ class MaskedLMPretrainer(nn.Module):
     """
 
     def __init__(self, hf_model: PreTrainedModel, *, nsp: bool = True, sparse_mlm_head: bool = True,
-                 unpad: bool = True) -> None:
+                 unpad: bool = True, packed_rows: bool = False) -> None:
         super().__init__()
         # The HF model's own children: state_dict keys are the HF model's, ties intact.
         for name, child in hf_model.named_children():
@@ -120,6 +120,14 @@ class MaskedLMPretrainer(nn.Module):
             for head in heads:
                 if head is not None:
                     head.requires_grad_(False)
+        # data.pack_samples: a row holds several samples, so the packed path is the only correct one
+        self.packed_rows = bool(packed_rows)
+        if self.packed_rows and not self.packed:
+            raise ConfigError(
+                f"data.pack_samples=true: the {self.config.model_type} model with attention "
+                f"{self.config._attn_implementation!r} has no variable-length (cu_seqlens) path, so a row's samples "
+                f"would attend to each other; use model.unpad=true with attn_implementation sdpa on "
+                f"{', '.join(PTFT_VARLEN_TYPES)} (or a flash attention), or set data.pack_samples=false")
         if unpad and not self.packed:
             log.info("model.unpad: attention %r has no variable-length kernel; micro-batches run padded "
                      "(to their longest sample)", self.config._attn_implementation)
@@ -159,7 +167,7 @@ class MaskedLMPretrainer(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if self.arch is None:
             hidden, flat_labels, pooled = None, labels.reshape(-1), None
-        elif self.packed and _worth_packing(input_ids, attention_mask, indices):
+        elif self.packed and (self.packed_rows or _worth_packing(input_ids, attention_mask, indices)):
             hidden, flat_labels, pooled = self._encode_packed(
                 input_ids, token_type_ids, attention_mask, labels, position_ids, cu_seqlens, indices, max_seqlen
             )
@@ -228,7 +236,6 @@ class MaskedLMPretrainer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Run the encoder on the real tokens only, as one packed (1, T) sequence."""
         device = input_ids.device
-        width = input_ids.shape[1]
         if indices is None or cu_seqlens is None or max_seqlen is None:
             lengths = attention_mask.sum(1, dtype=torch.int32)
             indices = attention_mask.reshape(-1).nonzero().squeeze(1)
@@ -237,8 +244,10 @@ class MaskedLMPretrainer(nn.Module):
         indices = indices.to(device=device, dtype=torch.long, non_blocking=True)
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
         max_seqlen = int(max_seqlen)
-        if position_ids is None:  # right padding: a row's tokens sit at columns 0..len-1
-            positions = indices % width + A.first_position(self.config)
+        if position_ids is None:  # each sequence counts from its own first token (a packed row: each chunk)
+            total = indices.numel()
+            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), cu_seqlens.diff().long(), output_size=total)
+            positions = torch.arange(total, device=device) - starts + A.first_position(self.config)
         else:
             positions = position_ids.expand_as(input_ids).reshape(-1).index_select(0, indices)
         types = token_type_ids.reshape(-1).index_select(0, indices)[None]

@@ -10,7 +10,7 @@ content, masks included, does not depend on its batch-mates or padding (docs/des
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -25,6 +25,21 @@ class Rows:
     lengths: np.ndarray  # int64 [B]
     nsp: np.ndarray  # int64 [B]
     sample_ids: np.ndarray  # int64 [B]
+    # packed rows only: the chunks of row i are part_lengths[part_offsets[i]:part_offsets[i + 1]]
+    part_offsets: Optional[np.ndarray] = None
+    part_lengths: Optional[np.ndarray] = None
+
+    def set_chunks(self, part_rows: list[np.ndarray], part_lengths: list[np.ndarray]) -> None:
+        """Packed rows: each chunk's row and length (groups of chunks in any row order; within a
+        row in order), laid out by row. No chunks at all: the padding sample, one [CLS] [SEP]."""
+        B = len(self.lengths)
+        if part_rows:
+            pr = np.concatenate(part_rows)
+            self.part_lengths = np.concatenate(part_lengths)[np.argsort(pr, kind="stable")]
+            per_row = np.bincount(pr, minlength=B)
+        else:
+            self.part_lengths, per_row = self.lengths.copy(), np.ones(B, dtype=np.int64)
+        self.part_offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
 
 
 def cut_batch(rows: Rows, r0: int, r1: int, multiple: int) -> dict[str, Any]:
@@ -38,8 +53,10 @@ def cut_batch(rows: Rows, r0: int, r1: int, multiple: int) -> dict[str, Any]:
         return np.ascontiguousarray(a[r0:r1, :L])
 
     real = np.arange(L)[None, :] < lengths[:, None]
-    cu = np.zeros(B + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu[1:])
+    # cu_seqlens count the sequences attention keeps apart: the rows, or with packed rows their chunks
+    seqs = lengths if rows.part_offsets is None else rows.part_lengths[rows.part_offsets[r0] : rows.part_offsets[r1]]
+    cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum(seqs, out=cu[1:])
     return {
         "input_ids": cut(rows.ids),
         "token_type_ids": cut(rows.types),
@@ -49,5 +66,5 @@ def cut_batch(rows: Rows, r0: int, r1: int, multiple: int) -> dict[str, Any]:
         "sample_ids": rows.sample_ids[r0:r1].copy(),
         "cu_seqlens": cu,
         "indices": np.flatnonzero(real),
-        "max_seqlen": longest,
+        "max_seqlen": int(seqs.max()) if len(seqs) else 0,
     }

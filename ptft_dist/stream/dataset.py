@@ -59,9 +59,9 @@ from ptft_dist.corpus.format import CorpusError, Manifest, ShardData, load_manif
 from ptft_dist.corpus.tokenizer import check_tokenizer, load_vocab, word_boundary_rule
 from ptft_dist.fsutil import write_bytes_atomic
 from ptft_dist.stream.batch import Rows, cut_batch
-from ptft_dist.stream.keys import sample_keys, shard_key
+from ptft_dist.stream.keys import S_PART, hash_streams, sample_keys, shard_key
 from ptft_dist.stream.masking import IGNORE_INDEX, continuation_flags, mask_batch, random_token_ids
-from ptft_dist.stream.samples import chunk_sentences, nsp_segments
+from ptft_dist.stream.samples import chunk_costs, chunk_sentences, nsp_segments, pack_chunks
 from ptft_dist.stream.shard_cache import ShardCache, file_lock
 from ptft_dist.stream.spec import SampleSpec, SpecialIds
 from ptft_dist.stream.window import ShuffleWindow
@@ -156,8 +156,9 @@ class PretrainingStream(IterableDataset):
         check_tokenizer(self.manifest, expected_tokenizer or cfg.expected_tokenizer, self.corpus)
         self.shards = self.manifest.shards(split)
         self.fingerprint = corpus_fingerprint(self.manifest, split)
+        spec_fields = {k: v for k, v in self.spec.__dict__.items() if k != "pack_samples" or v}  # older runs' fingerprints
         self.sample_fingerprint = hashlib.sha256(
-            json.dumps([self.spec.__dict__, self.window_shards, split, self.max_samples], sort_keys=True).encode()
+            json.dumps([spec_fields, self.window_shards, split, self.max_samples], sort_keys=True).encode()
         ).hexdigest()[:16]
         self.specials = SpecialIds.from_manifest(self.manifest.special_tokens)
         self.random_ids = random_token_ids(self.manifest.vocab_size, self.specials)
@@ -268,11 +269,17 @@ class PretrainingStream(IterableDataset):
         blob = json.dumps([self.fingerprint, self.seed, epoch, list(self.spec.chunk_params())])
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
-    def _chunks(self, epoch: int, i: int, data: ShardData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return chunk_sentences(
+    def _chunks(self, epoch: int, i: int, data: ShardData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A shard's chunks (start sentence, end sentence, target) and its samples as row offsets
+        into them: one chunk per sample, or with ``pack_samples`` consecutive chunks per row."""
+        start, end, target = chunk_sentences(
             data.sentence_offsets, data.doc_offsets, shard_key(self.seed, epoch, i),
             self.spec.max_num_tokens, self.spec.short_seq_prob,
         )
+        if not self.spec.pack_samples:
+            return start, end, target, np.arange(len(start) + 1, dtype=np.int64)
+        costs = chunk_costs(data.sentence_offsets, start, end, self.spec.max_num_tokens)
+        return start, end, target, pack_chunks(costs, self.spec.max_seq_len)
 
     def _counts(self, epoch: int) -> np.ndarray:
         key = self._chunk_key(epoch)
@@ -300,7 +307,7 @@ class PretrainingStream(IterableDataset):
         from concurrent.futures import ThreadPoolExecutor
 
         def one(i: int) -> int:
-            return len(self._chunks(epoch, i, self.cache.read_index(self.shards[i]))[0])
+            return len(self._chunks(epoch, i, self.cache.read_index(self.shards[i]))[3]) - 1
 
         if not self.shards:
             return np.zeros(0, dtype=np.int64)
@@ -351,7 +358,7 @@ class PretrainingStream(IterableDataset):
         chunks = []
         for i, d in zip(idx, datas):
             c = self._chunks(epoch, i, d)
-            if len(c[0]) != plan.counts[i]:
+            if len(c[3]) - 1 != plan.counts[i]:
                 raise CorpusError(f"{self.cache.url(self.shards[i])}: index changed since the epoch was planned")
             chunks.append(c)
         win = ShuffleWindow(w, idx, datas, chunks, plan.id_base, [self.seed, epoch, w, _WINDOW_TAG])
@@ -376,7 +383,10 @@ class PretrainingStream(IterableDataset):
     # ------------------------------------------------------------------ samples
 
     def _segments(self, epoch: int, positions: np.ndarray) -> list[tuple]:
-        """Group positions by window; per group: (window, rows, chunk indices, segments, sample keys)."""
+        """Group positions by window; per group: (window, rows, sample indices, segments, sample keys,
+        part_of). With packed rows the segments are the rows' chunks in row order and ``part_of[j]``
+        is the group row segment ``j`` belongs to (its key: the row's, hashed with j's place in
+        the row); otherwise ``part_of`` is None and segment j is row j."""
         plan = self.plan(epoch)
         wins = plan.window_of(positions)
         out = []
@@ -386,11 +396,15 @@ class PretrainingStream(IterableDataset):
             win = self._window(epoch, w)
             c = win.perm[positions[rows] - plan.window_start[w]]
             keys = sample_keys(self.seed, epoch, win.c_id[c])
+            part_of, seg_keys, chunks = None, keys, c
+            if self.spec.pack_samples:
+                part_of, place, chunks = win.chunks_of_rows(c)
+                seg_keys = hash_streams(keys[part_of], S_PART, place)
             seg = nsp_segments(
-                keys, win.c_start[c], win.c_end[c], win.c_target[c], win.c_doc[c], win.c_pnext[c],
-                win.sent_cs, win.doc_off, self.spec,
+                seg_keys, win.c_start[chunks], win.c_end[chunks], win.c_target[chunks], win.c_doc[chunks],
+                win.c_pnext[chunks], win.sent_cs, win.doc_off, self.spec,
             )
-            out.append((win, rows, c, seg, keys))
+            out.append((win, rows, c, seg, keys, part_of))
         return out
 
     def batch_at(self, epoch: int, positions: np.ndarray, pad_if_empty: bool = True) -> dict[str, Any]:
@@ -422,9 +436,12 @@ class PretrainingStream(IterableDataset):
         groups = self._segments(epoch, positions) if len(positions) else []
         B = len(positions) if len(positions) or not pad_if_empty else 1
         lengths = np.full(B, 2, dtype=np.int64)
-        for _, rows, _, seg, _ in groups:
+        for _, rows, _, seg, _, part_of in groups:
             lb_part = np.where(seg.nsp_label == IGNORE_INDEX, 0, 1 + seg.lb) if self.spec.nsp else 0
-            lengths[rows] = 2 + seg.la + lb_part
+            if part_of is None:
+                lengths[rows] = 2 + seg.la + lb_part
+            else:  # packed rows: a row is its chunks' [CLS] x [SEP] laid end to end
+                lengths[rows] = np.bincount(part_of, weights=2 + seg.la, minlength=len(rows)).astype(np.int64)
         L = -(-int(lengths.max()) // multiple) * multiple if B else 0
         ids = np.full((B, L), self.specials.pad, dtype=np.int64)
         types = np.zeros((B, L), dtype=np.int64)
@@ -434,10 +451,13 @@ class PretrainingStream(IterableDataset):
         if B and not groups:  # padding sample
             ids[:, 0] = self.specials.cls
             ids[:, 1] = self.specials.sep
-        for win, rows, c, seg, k in groups:
-            win.assemble(seg, self.specials, self.spec.nsp, ids, types, rows)
+        for win, rows, c, seg, k, part_of in groups:
+            if part_of is None:
+                win.assemble(seg, self.specials, self.spec.nsp, ids, types, rows)
+                nsp[rows] = seg.nsp_label
+            else:  # packed rows are MLM-only: no NSP label
+                win.assemble_packed(seg, self.specials, ids, rows, part_of)
             sample_ids[rows] = win.c_id[c]
-            nsp[rows] = seg.nsp_label
             keys[rows] = k
         # Maskable: real tokens that are not special (one table lookup), never in a padding sample.
         cand = (np.arange(L)[None, :] < lengths[:, None]) & ~self.is_special.take(ids, mode="clip")
@@ -445,7 +465,10 @@ class PretrainingStream(IterableDataset):
             cand[:] = False
         labels = mask_batch(ids, lengths, keys, self.spec, self.specials, self.random_ids, self.is_continuation,
                             candidates=cand)
-        return Rows(ids=ids, types=types, labels=labels, lengths=lengths, nsp=nsp, sample_ids=sample_ids)
+        rows = Rows(ids=ids, types=types, labels=labels, lengths=lengths, nsp=nsp, sample_ids=sample_ids)
+        if self.spec.pack_samples:
+            rows.set_chunks([g[1][g[5]] for g in groups], [2 + g[3].la for g in groups])
+        return rows
 
     def describe(self, epoch: int, positions: np.ndarray) -> list[dict]:
         """Provenance of the samples at these positions.
@@ -454,12 +477,13 @@ class PretrainingStream(IterableDataset):
         a_doc/b_doc (document index in that shard), a_doc_id/b_doc_id (the shard's stable doc id),
         a_sentences/b_sentences ([start, end) sentence numbers within the document, before
         truncation) and truncated = tokens removed (A front, A back, B front, B back).
+        With packed rows (``data.pack_samples``) the fields are those of the row's first chunk and
+        ``parts`` lists every chunk's.
         """
         positions = np.asarray(positions, dtype=np.int64)
         out: list[dict] = [{} for _ in positions]
-        for win, rows, c, seg, _ in self._segments(epoch, positions):
-            for j, row in enumerate(rows.tolist()):
-                out[row] = {"position": int(positions[row]), **win.provenance(seg, c, j)}
+        for win, rows, c, seg, _, part_of in self._segments(epoch, positions):
+            win.describe(seg, c, rows, part_of, positions, out)
         return out
 
     # ------------------------------------------------------------------ iteration

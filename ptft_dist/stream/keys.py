@@ -22,7 +22,7 @@ _MASK64 = (1 << 64) - 1
 S_TARGET, S_TARGET_LEN, S_SPLIT, S_IS_NEXT, S_PARTNER, S_PARTNER_START = 1, 2, 3, 4, 5, 6
 S_TRUNC_A, S_TRUNC_B, S_TRUNC_A2, S_TRUNC_B2 = 7, 8, 9, 10
 S_MASK_SCORE, S_MASK_ACTION, S_MASK_RANDOM, S_WORD_SCORE = 11, 12, 13, 14
-S_SHARD, S_SAMPLE = 15, 16
+S_SHARD, S_SAMPLE, S_PART = 15, 16, 17
 
 
 # --------------------------------------------------------------------------- counter-based RNG

@@ -25,9 +25,10 @@ from ptft_dist.stream.dataset import VALIDATION_SEED, PretrainingStream
 #                                                        predicted, -100 elsewhere (incl. padding)
 #   next_sentence_label  int64 [B]    0 IsNext, 1 NotNext, -100 (MLM-only mode, padding sample)
 #   sample_ids           int64 [B]    stable id within the epoch; -1 = padding sample
-#   cu_seqlens           int32 [B+1]  packed form: cumulative lengths of the unpadded sequences
+#   cu_seqlens           int32 [S+1]  packed form: cumulative lengths of the unpadded sequences
+#                                     (S = B, or the number of chunks with data.pack_samples)
 #   indices              int64 [T]    packed form: flat positions (into B*L) of the T real tokens
-#   max_seqlen           int          longest unpadded sequence
+#   max_seqlen           int          longest of those sequences
 # The model takes all of them but sample_ids (which only the data-order log reads).
 MODEL_INPUTS = (
     "input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label",

@@ -19,6 +19,11 @@ paper), made dynamic per epoch:
   ``max_seq_len - 3`` tokens exactly as ``truncate_seq_pair`` does (longer side first, each
   removed token from the front or the back with probability 1/2), computed in closed form.
 * **MLM-only** (``nsp=False``, RoBERTa-style): the whole chunk is one segment, ``[CLS] x [SEP]``.
+* **Packed rows** (``pack_samples``, MLM-only; :func:`pack_chunks`): one sample is a row of
+  consecutive chunks of a shard, each framed ``[CLS] x [SEP]``, filled up to ``max_seq_len``. The
+  grouping is fixed per (seed, epoch, shard) like the chunks, so a row is a sample like any other
+  (ids, order, exactly-once, resume unchanged); the batch's ``cu_seqlens`` then count chunks, and
+  the packed attention keeps each chunk to itself (docs/design.md, guarantee 1).
 * **Masking** happens afterwards, on the assembled batch (masking.py).
 """
 
@@ -91,6 +96,28 @@ def chunk_sentences(
         i = nxt[i]
     st = np.asarray(starts, dtype=np.int64)
     return st, end[st], target[st]
+
+
+def chunk_costs(sentence_offsets: np.ndarray, c_start: np.ndarray, c_end: np.ndarray, max_num_tokens: int) -> np.ndarray:
+    """Tokens each MLM-only chunk takes in a row: its kept content plus ``[CLS]`` and ``[SEP]``."""
+    cs = np.asarray(sentence_offsets, dtype=np.int64)
+    return 2 + np.minimum(cs[c_end] - cs[c_start], max_num_tokens)
+
+
+def pack_chunks(costs: np.ndarray, capacity: int) -> np.ndarray:
+    """Row offsets into the chunks (length rows + 1): consecutive chunks share a row while their
+    costs fit in ``capacity``; a row closes at the first chunk that does not fit (no reordering,
+    so a row is a range and a shard's rows are a pure function of its chunks)."""
+    off = [0]
+    used = 0
+    for i, c in enumerate(np.asarray(costs, dtype=np.int64).tolist()):
+        if used and used + c > capacity:
+            off.append(i)
+            used = 0
+        used += c
+    if len(costs):
+        off.append(len(costs))
+    return np.asarray(off, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- NSP segments
@@ -277,3 +304,24 @@ def assemble(
         else:
             out_types[rows] = types
     return length
+
+
+def assemble_packed(
+    seg: Segments,
+    tokens_of: list[np.ndarray],
+    tok_base: np.ndarray,
+    src: np.ndarray,
+    specials: SpecialIds,
+    out_ids: np.ndarray,
+    part_row: np.ndarray,
+    part_col: np.ndarray,
+) -> None:
+    """Write ``[CLS] x [SEP]`` of each chunk of packed rows at column ``part_col`` of row ``part_row``
+    (MLM-only segments; ``out_ids`` arrives filled with [PAD]; token types stay 0)."""
+    la = seg.la
+    a0 = (seg.a_tok - tok_base[src]).tolist()
+    for r, c, sa, s_a, n_a in zip(part_row.tolist(), part_col.tolist(), src.tolist(), a0, la.tolist()):
+        if n_a:
+            out_ids[r, c + 1 : c + 1 + n_a] = tokens_of[sa][s_a : s_a + n_a]
+    out_ids[part_row, part_col] = specials.cls
+    out_ids[part_row, part_col + 1 + la] = specials.sep

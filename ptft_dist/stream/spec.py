@@ -52,10 +52,13 @@ class SampleSpec:
     random_replace_prob: float = 0.1
     whole_word_mask: bool = False
     max_predictions_per_seq: int = 0  # 0 = no cap
+    pack_samples: bool = False  # MLM only: a row holds consecutive chunks up to max_seq_len (samples.pack_chunks)
 
     def __post_init__(self) -> None:
         if self.max_seq_len < (5 if self.nsp else 3):
             raise ValueError(f"max_seq_len {self.max_seq_len} too small")
+        if self.pack_samples and self.nsp:
+            raise ValueError("pack_samples needs nsp=False (an NSP pair fills its own row)")
         if not 0.0 <= self.mlm_probability <= 1.0:
             raise ValueError(f"mlm_probability {self.mlm_probability} not in [0, 1]")
         if self.mask_replace_prob < 0 or self.random_replace_prob < 0 or (
@@ -79,9 +82,10 @@ class SampleSpec:
             random_replace_prob=cfg.random_replace_prob,
             whole_word_mask=cfg.whole_word_mask,
             max_predictions_per_seq=getattr(cfg, "max_predictions_per_seq", 0),
+            pack_samples=getattr(cfg, "pack_samples", False),
         )
 
     def chunk_params(self) -> tuple:
         """The parameters that decide the chunking (hence the sample count) of an epoch."""
-        return (self.max_num_tokens, round(self.short_seq_prob, 9))
+        return (self.max_num_tokens, round(self.short_seq_prob, 9)) + (("packed",) if self.pack_samples else ())
 

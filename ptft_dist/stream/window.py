@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ptft_dist.corpus.format import ShardData
-from ptft_dist.stream.samples import Segments, assemble, p_next_for_chunks
+from ptft_dist.stream.samples import Segments, assemble, assemble_packed, p_next_for_chunks
 from ptft_dist.stream.spec import SpecialIds
 
 
@@ -38,17 +38,23 @@ class ShuffleWindow:
             [d.doc_offsets[:-1].astype(np.int64) + self.sent_base[i] for i, d in enumerate(datas)]
             + [self.sent_base[-1:]]
         )
-        st, en, tg, dc, pn, ids = [], [], [], [], [], []
-        for i, (d, (s0, s1, t)) in enumerate(zip(datas, chunks)):
+        st, en, tg, dc, pn, ids, roff = [], [], [], [], [], [], []
+        chunk_base = 0
+        for i, (d, (s0, s1, t, row_off)) in enumerate(zip(datas, chunks)):
             st.append(s0 + self.sent_base[i])
             en.append(s1 + self.sent_base[i])
             tg.append(t)
             dc.append(np.searchsorted(d.doc_offsets.astype(np.int64), s0, side="right") - 1 + self.doc_base[i])
             pn.append(np.full(len(s0), p_next_for_chunks(s1 - s0)))
-            ids.append(id_base[shard_idx[i]] + np.arange(len(s0), dtype=np.int64))
+            ids.append(id_base[shard_idx[i]] + np.arange(len(row_off) - 1, dtype=np.int64))
+            roff.append(row_off[:-1] + chunk_base)
+            chunk_base += len(s0)
         cat = (lambda xs, dt=np.int64: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))  # noqa: E731
+        # c_*: per chunk; c_id: per sample. A sample is one chunk, or with packed rows the chunks
+        # row_off[k]:row_off[k + 1] (window-global chunk indices).
         self.c_start, self.c_end, self.c_target, self.c_doc = cat(st), cat(en), cat(tg), cat(dc)
         self.c_pnext, self.c_id = cat(pn, np.float64), cat(ids)
+        self.row_off = np.concatenate([cat(roff), [chunk_base]]).astype(np.int64)
         self.n = len(self.c_id)
         self.perm = np.random.default_rng(perm_seed).permutation(self.n) if self.n else np.zeros(0, np.int64)
 
@@ -58,8 +64,6 @@ class ShuffleWindow:
     def shard_of_doc(self, d: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.doc_base, d, side="right") - 1
 
-
-
     def assemble(self, seg: Segments, specials: SpecialIds, nsp: bool, ids: np.ndarray, types: np.ndarray,
                  rows: np.ndarray) -> None:
         """Write ``[CLS] A [SEP] (B [SEP])`` of each sample into ``ids``/``types`` at ``rows``; A and B
@@ -68,14 +72,32 @@ class ShuffleWindow:
         src_b = np.where(seg.lb > 0, self.shard_of_sentence(np.minimum(seg.b_sent[:, 0], len(self.sent_cs) - 2)), 0)
         assemble(seg, self.tokens, self.tok_base, src_a, src_b, specials, nsp, ids, types, rows)
 
-    def provenance(self, seg: Segments, c: np.ndarray, j: int) -> dict:
-        """Where sample ``j`` of a group came from: shard, document, sentences (counted within the
+    def chunks_of_rows(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The chunks of packed rows ``c``, in row order: (row each belongs to, as an index into ``c``;
+        its place in the row; its chunk index)."""
+        n_parts = self.row_off[c + 1] - self.row_off[c]
+        part_of = np.repeat(np.arange(len(c)), n_parts)
+        place = np.arange(len(part_of)) - np.repeat(np.cumsum(n_parts) - n_parts, n_parts)
+        return part_of, place, self.row_off[c][part_of] + place
+
+    def assemble_packed(self, seg: Segments, specials: SpecialIds, ids: np.ndarray, rows: np.ndarray,
+                        part_of: np.ndarray) -> None:
+        """Write each chunk of packed rows end to end in its row ``rows[part_of]`` (``samples.assemble_packed``)."""
+        cost = 2 + seg.la
+        per_row = np.bincount(part_of, minlength=len(rows))
+        col = np.cumsum(cost) - cost
+        col -= col[np.cumsum(per_row) - per_row][part_of]  # from the row's first chunk
+        src = self.shard_of_sentence(seg.a_sent[:, 0])
+        assemble_packed(seg, self.tokens, self.tok_base, src, specials, ids, rows[part_of], col)
+
+    def provenance(self, seg: Segments, j: int, sample_id: int) -> dict:
+        """Where segment ``j`` of a group came from: shard, document, sentences (counted within the
         document), and the tokens truncation removed; see ``PretrainingStream.describe``."""
         a_sh = int(self.shard_of_doc(seg.a_doc[j]))
         a_docl = int(seg.a_doc[j] - self.doc_base[a_sh])
         a_first = int(self.doc_off[seg.a_doc[j]])
         rec = {
-            "sample_id": int(self.c_id[c[j]]),
+            "sample_id": int(sample_id),
             "nsp_label": int(seg.nsp_label[j]),
             "a_shard": self.shards[a_sh],
             "a_doc": a_docl,
@@ -93,3 +115,18 @@ class ShuffleWindow:
                 b_sentences=(int(seg.b_sent[j, 0] - b_first), int(seg.b_sent[j, 1] - b_first)),
             )
         return rec
+
+    def describe(self, seg: Segments, c: np.ndarray, rows: np.ndarray, part_of: np.ndarray | None,
+                 positions: np.ndarray, out: list[dict]) -> None:
+        """Fill ``out[row]`` with the provenance of the group's samples (packed rows: the first
+        chunk's fields, and ``parts``: every chunk's); see ``PretrainingStream.describe``."""
+        if part_of is None:
+            for j, row in enumerate(rows.tolist()):
+                out[row] = {"position": int(positions[row]), **self.provenance(seg, j, self.c_id[c[j]])}
+            return
+        for j, i in enumerate(part_of.tolist()):
+            part = self.provenance(seg, j, self.c_id[c[i]])
+            rec = out[int(rows[i])]
+            if not rec:
+                rec.update(position=int(positions[rows[i]]), **part, parts=[])
+            rec["parts"].append(part)
