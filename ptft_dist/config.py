@@ -110,7 +110,7 @@ class DataConfig:
     mask_replace_prob: float = 0.8  # of the chosen tokens: [MASK]
     random_replace_prob: float = 0.1  # of the chosen tokens: a random token (the rest stay unchanged)
     whole_word_mask: bool = False  # mask all WordPiece pieces of a word together
-    max_predictions_per_seq: int = 0  # cap on masked positions per sequence (0 = none)
+    max_predictions_per_seq: int = 0  # cap on masked positions per sequence, a packed row counting as one (0 = none)
     pad_to_multiple_of: int = 1  # pad each micro-batch to the longest sample, rounded up to this
     pack_samples: bool = False  # MLM only: fill each row with consecutive chunks up to max_seq_len, attention kept within each (needs model.unpad)
     seed: int = 42

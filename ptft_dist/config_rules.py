@@ -202,6 +202,12 @@ def _cross_rules() -> list[tuple[tuple[str, ...], Callable[[Any], Optional[str]]
         if c.data.pack_samples and not c.model.unpad:
             return ("data.pack_samples=true needs model.unpad=true: a row of several samples keeps attention "
                     "within each sample only through the packed (cu_seqlens) attention")
+        if c.data.pack_samples and (c.model.attn_implementation in ("eager", "flex_attention")
+                                    or c.model.arch == "modernbert"):
+            what = "model.arch=modernbert" if c.model.arch == "modernbert" else \
+                f"model.attn_implementation={c.model.attn_implementation}"
+            return (f"data.pack_samples=true: {what} has no variable-length (cu_seqlens) attention, so a row's "
+                    "samples would attend to each other; use sdpa (or a flash attention) on BERT, RoBERTa or DistilBERT")
         return None
 
     def replace_sum(c: Any) -> Optional[str]:
@@ -225,7 +231,7 @@ def _cross_rules() -> list[tuple[tuple[str, ...], Callable[[Any], Optional[str]]
     return [
         (("data.max_seq_len", "model.max_position_embeddings"), seq_vs_positions),
         (("data.max_seq_len", "data.nsp"), nsp_length),
-        (("data.pack_samples", "data.nsp", "model.unpad"), packing),
+        (("data.pack_samples", "data.nsp", "model.unpad", "model.attn_implementation", "model.arch"), packing),
         (("data.mask_replace_prob", "data.random_replace_prob"), replace_sum),
         (("prepare.clean.min_chars", "prepare.clean.max_chars"), chars),
         (("optim.betas",), betas),

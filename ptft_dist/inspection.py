@@ -197,11 +197,24 @@ def _print_header(ds: PretrainingStream, split: str, epoch: int, out: TextIO) ->
     print(
         f"# {ds.corpus} [{split}] epoch {epoch} seed {ds.seed}: {ds.num_samples(epoch)} samples; "
         f"rank {rank}/{world_size} receives positions {rank}, {rank + world_size}, ...; "
-        f"max_seq_len {ds.spec.max_seq_len}, {'NSP+MLM' if ds.spec.nsp else 'MLM only'}, "
+        f"max_seq_len {ds.spec.max_seq_len}, {'NSP+MLM' if ds.spec.nsp else 'MLM only'}"
+        f"{', packed rows' if ds.spec.pack_samples else ''}, "
         f"mask p={ds.spec.mlm_probability}{', whole words' if ds.spec.whole_word_mask else ''}",
         file=out,
     )
     print("# predicted positions are shown as model-input{original}", file=out)
+
+
+def _print_chunks(shard_paths: list[str], vocab: list[str], parts: list[dict], ids: np.ndarray, orig: np.ndarray,
+                  labels: np.ndarray, sep: int, out: TextIO) -> None:
+    """A packed row: per chunk, where it came from and its ``[CLS] x [SEP]`` (a chunk ends at its [SEP])."""
+    ends = (np.flatnonzero(ids == sep) + 1).tolist()
+    for k, (part, start, end) in enumerate(zip(parts, [0, *ends[:-1]], ends)):
+        s0, s1 = part["a_sentences"]
+        cut = part["truncated"][:2]
+        print(f"  chunk {k}: {shard_paths[part['a_shard']]} doc {part['a_doc']} (id {part['a_doc_id']:#x}) "
+              f"sentences {s0}..{s1 - 1}" + (f", cut {cut[0]} front / {cut[1]} back" if any(cut) else ""), file=out)
+        print(f"    {_render(vocab, ids[start:end], orig[start:end], labels[start:end])}", file=out)
 
 
 def _print_sample(ds: PretrainingStream, vocab: list[str], index: int, info: dict, row: dict, out: TextIO) -> None:
@@ -216,6 +229,9 @@ def _print_sample(ds: PretrainingStream, vocab: list[str], index: int, info: dic
         file=out,
     )
     shard_paths = [s.path for s in ds.shards]
+    if "parts" in info:  # packed rows: each chunk on its own lines
+        _print_chunks(shard_paths, vocab, info["parts"], ids, orig, labels, ds.specials.sep, out)
+        return
     tr = info["truncated"]
     for seg, cut in (("a", tr[:2]), ("b", tr[2:])):
         if info[f"{seg}_sentences"] is None:

@@ -232,10 +232,13 @@ def model_inputs(batch: dict) -> dict:
 def micro_batch_work(batch: dict, config: BertConfig, nsp: bool) -> tuple[int, int, float]:
     """(real tokens, real samples, training FLOPs) of one stream micro-batch, for throughput and MFU.
 
-    Padding samples (``sample_ids`` < 0, which keep ranks in step) and pad positions count as no work."""
+    Padding samples (``sample_ids`` < 0, which keep ranks in step) and pad positions count as no work.
+    Attention spans one sequence of ``cu_seqlens``: a row, or with packed rows one of its chunks
+    (samples then count rows)."""
     lengths = batch["attention_mask"].sum(dim=1)
+    spans = batch["cu_seqlens"].diff() if "cu_seqlens" in batch else lengths
     tokens = int(lengths.sum())
     masked = int((batch["labels"] != IGNORE_INDEX).sum())
     samples = int((batch["sample_ids"] >= 0).sum())
-    flops = tokens * flops_per_token(config, effective_seq_len(lengths), masked / max(tokens, 1), nsp)
+    flops = tokens * flops_per_token(config, effective_seq_len(spans), masked / max(tokens, 1), nsp)
     return tokens, samples, flops

@@ -237,6 +237,8 @@ class MaskedLMPretrainer(nn.Module):
         """Run the encoder on the real tokens only, as one packed (1, T) sequence."""
         device = input_ids.device
         if indices is None or cu_seqlens is None or max_seqlen is None:
+            if self.packed_rows:  # per-row lengths would let a row's samples attend to each other
+                raise ConfigError("data.pack_samples: the batch must carry the stream's cu_seqlens/indices/max_seqlen")
             lengths = attention_mask.sum(1, dtype=torch.int32)
             indices = attention_mask.reshape(-1).nonzero().squeeze(1)
             cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
@@ -252,6 +254,9 @@ class MaskedLMPretrainer(nn.Module):
             positions = position_ids.expand_as(input_ids).reshape(-1).index_select(0, indices)
         types = token_type_ids.reshape(-1).index_select(0, indices)[None]
         extra = {"token_type_ids": types} if self.arch.token_types else {}
+        if self.packed_rows:  # the rows the chunks sit in: CUDA's pad-around kernel scatters to them
+            extra["ptft_rows_cu"] = F.pad(attention_mask.sum(1).cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+            extra["ptft_rows_max"] = input_ids.shape[1]
         out = self._encoder()(
             input_ids=input_ids.reshape(-1).index_select(0, indices)[None],
             position_ids=positions[None],

@@ -63,11 +63,13 @@ def test_pretrain_refuses_nsp_without_room_for_two_segments(tmp_path, capsys):
     assert load_config(None, ["data.max_seq_len=4", "data.nsp=false"]).data.max_seq_len == 4
 
 
-def test_pretrain_refuses_packed_rows_with_nsp_or_without_unpad(tmp_path, capsys):
+def test_pretrain_refuses_packed_rows_with_nsp_or_without_packed_attention(tmp_path, capsys):
     err = refused(capsys, *_pretrain(tmp_path, "data.pack_samples=true"))
     assert "data.pack_samples=true needs data.nsp=false" in err
     err = refused(capsys, *_pretrain(tmp_path, "data.pack_samples=true", "data.nsp=false", "model.unpad=false"))
     assert "data.pack_samples=true needs model.unpad=true" in err
+    err = refused(capsys, *_pretrain(tmp_path, "data.pack_samples=true", "data.nsp=false", "model.attn_implementation=eager"))
+    assert "data.pack_samples=true: model.attn_implementation=eager has no variable-length" in err
     assert not (tmp_path / "run").exists()
     assert load_config(None, ["data.pack_samples=true", "data.nsp=false"]).data.pack_samples
 

@@ -63,6 +63,28 @@ def test_kernels_equal_per_sample_softmax(kernel):
     torch.testing.assert_close(got, reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
 
 
+def test_pad_around_packed_rows_scatters_to_rows_with_a_block_mask(monkeypatch):
+    """Packed rows (several sequences per batch row): the pad-around kernel's grid is rows x row width,
+    not sequences x longest sequence, and each sequence still attends to itself only (outputs and
+    gradients equal the per-sample reference; no NaN from the pad slots)."""
+    (q, k, v), cu = qkv()
+    rows_cu, width = torch.tensor([0, 10, 22, 28], dtype=torch.int32), 12  # rows [7, 3] [11, 1] [6]
+    shapes = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda q_, *a, **kw: shapes.append(q_.shape) or sdpa(q_, *a, **kw))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    got = A.packed_attention(q, k, v, cu, cu, 11, 11, None, kernel="pad_around", rows_cu=rows_cu, rows_max=width)
+    assert shapes == [torch.Size([3, 2, width, 8])]
+    want = reference(q, k, v, cu)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
 def test_packed_encoder_keeps_every_token_and_no_leak():
     """Packed hidden states equal the padded model's at every real token (none dropped or moved),
     and changing one sample's tokens leaves every other sample's states bit-for-bit alone."""

@@ -289,3 +289,8 @@ def test_micro_batch_work_counts_real_tokens_and_samples():
     seq = M.effective_seq_len(torch.tensor([24, 17, 9, 2, 13]))
     assert flops == pytest.approx(tokens * M.flops_per_token(cfg, seq, masked, True))
     assert set(M.model_inputs(batch)) == set(M.MODEL_INPUTS) - {"cu_seqlens", "indices", "max_seqlen"}
+    # packed rows: attention spans the chunks of cu_seqlens, not the rows
+    batch["cu_seqlens"] = torch.tensor([0, 12, 24, 41, 50, 52, 65], dtype=torch.int32)
+    _, _, packed_flops = M.micro_batch_work(batch, cfg, nsp=True)
+    chunks = M.effective_seq_len(torch.tensor([12, 12, 17, 9, 2, 13]))
+    assert packed_flops == pytest.approx(tokens * M.flops_per_token(cfg, chunks, masked, True)) and packed_flops < flops

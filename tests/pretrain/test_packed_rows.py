@@ -13,6 +13,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
 from ptft_dist.config import ConfigError
+from ptft_dist.pretrain import attention
 from ptft_dist.pretrain.pretrainer import MaskedLMPretrainer
 from ptft_dist.stream.dataset import to_torch
 from tests.stream.test_packed_rows import packed_stream
@@ -42,8 +43,12 @@ def one_chunk_per_row(batch: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_packed_row_equals_its_chunks_alone(arch):
+@pytest.mark.parametrize("arch,kernel", [("bert", None), ("roberta", None), ("bert", "pad_around")])
+def test_packed_row_equals_its_chunks_alone(arch, kernel, monkeypatch):
+    """``kernel``: None = the CPU kernel (one SDPA call per chunk); pad_around = CUDA's training kernel
+    (scatter to the rows, block-diagonal mask), forced here on CPU."""
+    if kernel:
+        monkeypatch.setattr(attention, "choose_kernel", lambda *a: kernel)
     ds = packed_stream(mb=4)
     batch = to_torch(ds.batch_at(0, np.arange(4)))
     assert len(batch["cu_seqlens"]) - 1 > 2 * len(batch["input_ids"]), "rows should hold several chunks"
@@ -64,12 +69,22 @@ def test_packed_row_equals_its_chunks_alone(arch):
         if p.grad is not None or q.grad is not None:
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
 
-    # The control: the same row as ONE sequence (attention across its chunks, positions running on)
-    leaky = dict(batch, cu_seqlens=torch.nn.functional.pad(batch["attention_mask"].sum(1).cumsum(0), (1, 0)).int(),
-                 max_seqlen=int(batch["attention_mask"].sum(1).max()))
+    # Every token's hidden state equals its chunk's alone; the control (each row as ONE sequence:
+    # attention across its chunks, positions running on) differs, so this comparison sees a leak.
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "labels")}
+    alone_batch = one_chunk_per_row(batch)
+    leaky_cu = torch.nn.functional.pad(batch["attention_mask"].sum(1).cumsum(0), (1, 0)).int()
     with torch.no_grad():
-        leaked = packed(**{k: v for k, v in leaky.items() if k != "sample_ids"})
-    assert abs(float(leaked.loss.detach()) - float(ref.loss.detach())) > 1e-3
+        hidden = packed._encode_packed(**inputs, position_ids=None, cu_seqlens=batch["cu_seqlens"],
+                                       indices=batch["indices"], max_seqlen=batch["max_seqlen"])[0]
+        leaked = packed._encode_packed(**inputs, position_ids=None, cu_seqlens=leaky_cu, indices=batch["indices"],
+                                       max_seqlen=int(batch["attention_mask"].sum(1).max()))[0]
+        encoder = alone._encoder()
+        ref_hidden = encoder(input_ids=alone_batch["input_ids"], attention_mask=alone_batch["attention_mask"]
+                             ).last_hidden_state[alone_batch["attention_mask"].bool()]
+    assert hidden.shape == ref_hidden.shape == (int(batch["attention_mask"].sum()), 32)
+    torch.testing.assert_close(hidden, ref_hidden, atol=1e-5, rtol=1e-5)
+    assert (leaked - ref_hidden).abs().max() > 1e-2
 
 
 def test_packed_rows_need_a_varlen_attention():

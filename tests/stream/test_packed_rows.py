@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from ptft_dist.config import DataConfig
 from ptft_dist.stream.dataset import PretrainingStream
 from ptft_dist.stream.masking import IGNORE_INDEX
 from ptft_dist.stream.samples import pack_chunks
@@ -33,7 +34,8 @@ ROOT = short_doc_corpus()
 
 
 def packed_stream(root=ROOT, W=1, r=0, mb=3, pack=True, **kw) -> PretrainingStream:
-    cfg = cfg_for(root, max_seq_len=64, nsp=False, pack_samples=pack, **kw)
+    kw.setdefault("max_seq_len", 64)
+    cfg = cfg_for(root, nsp=False, pack_samples=pack, **kw)
     return PretrainingStream(cfg=cfg, micro_batch_size=mb, world_size=W, rank=r)
 
 
@@ -91,6 +93,16 @@ def test_masks_stay_inside_chunks_and_specials_are_never_predicted():
         assert (flat_labels[cu[:-1]] == IGNORE_INDEX).all() and (flat_labels[cu[1:] - 1] == IGNORE_INDEX).all()
 
 
+@pytest.mark.parametrize("whole_words", [False, True])
+def test_whole_word_masking_in_rows_never_crosses_a_chunk(whole_words):
+    batches = rank_batches(packed_stream(mb=4, whole_word_mask=whole_words), 0)
+    assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches) > 0
+    for b in batches:
+        flat_labels = b["labels"].reshape(-1)[b["indices"]]
+        cu = b["cu_seqlens"]
+        assert (flat_labels[cu[:-1]] == IGNORE_INDEX).all() and (flat_labels[cu[1:] - 1] == IGNORE_INDEX).all()
+
+
 @pytest.mark.parametrize("cut", [0, 3, 7, 11])
 def test_resume_anywhere_equals_uninterrupted(cut):
     W, mb = 2, 2
@@ -125,3 +137,62 @@ def test_describe_lists_each_chunk_of_a_row():
         assert rec["sample_id"] == b["sample_ids"][i] and len(rec["parts"]) >= 1
         assert all(p["sample_id"] == rec["sample_id"] and p["truncated"] == (0, 0, 0, 0) for p in rec["parts"])
     assert sum(len(r["parts"]) for r in info) == len(b["cu_seqlens"]) - 1
+
+
+def test_inspect_shows_each_chunk_of_a_row():
+    import io
+
+    from ptft_dist.inspection import print_samples
+
+    buf = io.StringIO()
+    cfg = cfg_for(ROOT, max_seq_len=64, nsp=False, pack_samples=True)
+    print_samples(str(ROOT), cfg, 3, 0, 1, 0, False, out=buf)
+    text = buf.getvalue()
+    parts = sum(len(r["parts"]) for r in packed_stream(mb=3).describe(0, np.arange(3)))
+    assert "packed rows" in text.splitlines()[0]
+    assert text.count("  chunk ") == parts > 3 and text.count("[CLS]") == parts
+
+
+def test_unpacked_sample_fingerprints_are_those_of_runs_before_packing_existed():
+    """Checkpoints written before ``pack_samples`` existed must still resume: the digests below were
+    computed by the code before the change (e484f4d)."""
+    kw = dict(max_seq_len=128, shuffle_window_shards=4)
+    assert packed_stream(pack=False, **kw).sample_fingerprint != packed_stream(**kw).sample_fingerprint
+    cfg = DataConfig(corpus=str(ROOT), cache_dir=str(ROOT / "cache"))
+    assert PretrainingStream(cfg=cfg, micro_batch_size=2).sample_fingerprint == "c2aead6d592c98a4"
+    cfg = DataConfig(corpus=str(ROOT), cache_dir=str(ROOT / "cache"), nsp=False, max_seq_len=64, whole_word_mask=True)
+    assert PretrainingStream(cfg=cfg, micro_batch_size=2).sample_fingerprint == "e285b4484d5120ad"
+
+
+def test_truncated_chunks_keep_their_length_in_rows():
+    """Chunks longer than a row's content room are cut (BERT's front/back draw) inside packed rows
+    exactly as much as unpacked: the same multiset of chunk lengths, the same total."""
+    root = Path(tempfile.mkdtemp(prefix="ptft-packed-long-"))
+    make_corpus(root, shard_docs=(6, 5), val_docs=(2,), sentences=(2, 6), n_words=(3, 9), seed=8)
+    lengths = {}
+    for pack in (False, True):
+        ds = PretrainingStream(cfg=cfg_for(root, max_seq_len=24, nsp=False, pack_samples=pack), micro_batch_size=5)
+        lengths[pack] = Counter(len(c) for c in chunks_of(rank_batches(ds, 0)))
+        cut = sum(p["truncated"][0] + p["truncated"][1] for r in ds.describe(0, np.arange(ds.num_samples(0)))
+                  for p in r.get("parts", [r]))
+        assert cut > 0
+    assert lengths[True] == lengths[False] and max(lengths[True]) == 24
+
+
+def test_rows_from_two_windows_in_any_order_equal_rows_built_alone():
+    """A micro-batch whose rows come from two shuffle windows, interleaved: every row (and the chunk
+    boundaries in cu_seqlens) equals the row built alone."""
+    ds = packed_stream(shuffle_window_shards=2)
+    start = int(ds.plan(0).window_start[1])
+    positions = np.array([start, 0, start + 1, 1, start + 2])
+    batch = ds.batch_at(0, positions)
+    cu = batch["cu_seqlens"].tolist()
+    parts_per_row = [len(ds.describe(0, [p])[0]["parts"]) for p in positions]
+    bounds = np.cumsum([0, *parts_per_row])
+    for i, p in enumerate(positions):
+        alone = ds.batch_at(0, np.array([p]))
+        n = int(alone["attention_mask"].sum())
+        assert np.array_equal(batch["input_ids"][i, :n], alone["input_ids"][0, :n])
+        assert np.array_equal(batch["labels"][i, :n], alone["labels"][0, :n])
+        row_cu = np.array(cu[bounds[i] : bounds[i + 1] + 1]) - cu[bounds[i]]
+        assert row_cu.tolist() == alone["cu_seqlens"].tolist()
