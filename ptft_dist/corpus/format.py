@@ -390,6 +390,10 @@ def verify_corpus(corpus_dir: str | Path, progress: bool = False) -> list[str]:
             problems.append(f"{info.path}: counts {counts} disagree with manifest")
         elif data.num_tokens and int(data.tokens.max()) >= manifest.vocab_size:
             problems.append(f"{info.path}: token id beyond vocab size {manifest.vocab_size}")
+        elif data.num_tokens and "pad" in manifest.special_tokens and (data.tokens == manifest.special_tokens["pad"]).any():
+            # ptft before 2026-11-30 kept a tokenizer.json's own padding (MiniLM's: Fixed 128)
+            problems.append(f"{info.path}: the text holds [PAD] tokens (prepared with a tokenizer that pads "
+                            "every sentence?): prepare the corpus again")
     return problems
 
 

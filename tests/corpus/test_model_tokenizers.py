@@ -142,3 +142,19 @@ def test_a_tokenizer_that_pads_and_truncates_is_stored_whole_and_unpadded(tmp_pa
     plain, padded = (np.concatenate(t) for t in shards)
     assert np.array_equal(padded, plain)  # no [PAD] in the text, nothing cut at 6 tokens
     assert int(np.diff(sh.read_shard(corpus / m.shards("train")[0].path).sentence_offsets).max()) > 6
+
+
+def test_verify_names_a_corpus_whose_text_holds_pad_tokens(tmp_path):
+    """A corpus prepared before the fix above (its sentences padded with [PAD]) fails ``ptft verify``."""
+    from tests.corpus_factory import make_corpus
+
+    tok, specials = build_tokenizer("wordpiece", vocab_size=300)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=48)
+    padded_dir = save_tokenizer(tok, specials, tmp_path / "padded")
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (padded_dir / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab))
+    make_corpus(tmp_path / "old", shard_docs=(2,), val_docs=(1,), tokenizer_dir=padded_dir)
+    problems = sh.verify_corpus(tmp_path / "old")
+    assert problems and all("holds [PAD] tokens" in p for p in problems), problems
+    make_corpus(tmp_path / "new", shard_docs=(2,), val_docs=(1,))
+    assert sh.verify_corpus(tmp_path / "new") == []
