@@ -29,12 +29,16 @@ that spin while waiting count as busy, so it is a second opinion, not the headli
 MFU, two definitions, both for both sides (``ptft_dist.pretrain.model.flops_per_token``: matmuls
 of the encoder, attention, MLM head, pooler + NSP; 6 FLOPs per weight per token for training):
 
-* ``mfu_model`` -- model FLOPs: the dense-equivalent standard count (the 6·N·tokens convention plus
-  attention): every real token through the encoder *and* the MLM head, nothing for padding. The
-  same FLOPs for both sides, so its ratio is the tokens/s ratio.
-* ``mfu_executed`` -- executed FLOPs: what each side actually ran on the measured batches. Both
-  run the encoder on every padded position (CPU attention has no variable-length kernel); ptft's
-  sparse MLM head runs only on the masked rows (~15 %), HF's on every padded position.
+* ``mfu_model`` -- model FLOPs: the work the objective needs, the same count the training log's MFU
+  uses: every real token through the encoder (attention over its own sample or packed chunk), the
+  MLM head on the predicted tokens, nothing for padding. The same FLOPs for both sides, so its
+  ratio is the tokens/s ratio, and it cannot exceed executed work. (Results written before
+  2026-11-30 21:00 counted the head on every token, the dense-equivalent convention: with ptft's
+  sparse head and a large vocabulary that could read above 100 %.)
+* ``mfu_executed`` -- executed FLOPs: what each side ran on the measured batches, counted as if
+  both ran the encoder on every padded position (ptft skips pads where it packs, so its figure is
+  an upper bound); ptft's sparse MLM head runs only on the masked rows (~15 %), HF's on every
+  padded position.
 
 One peak for both (printed with its source). CPU: the theoretical fp32 peak from ``/proc/cpuinfo``
 (usable cores × clock × FLOPs per cycle of the widest FMA unit), or the matmul probe if that reads
@@ -192,7 +196,7 @@ def corpus_for(setup: Setup, work: Path, given: Optional[str], short_texts: bool
 
 def extract_features(corpus: Path, setup: Setup, out: Path, cache: Path) -> dict[str, Any]:
     """ptft's micro-batches of the whole run (epoch 0, rank 0 of 1), unmasked, as HF features; and the
-    FLOPs per real token of the measured steps: model (dense-equivalent) and executed by each side."""
+    FLOPs per real token of the measured steps: model (the objective's work) and executed by each side."""
 
     from ptft_dist.config import DataConfig
     from ptft_dist.corpus.format import load_manifest
@@ -254,10 +258,12 @@ def bert_parameters(config) -> int:
 
 
 def step_flops(bert, b: dict, lengths: np.ndarray, nsp: bool = True) -> dict[str, float]:
-    """Training FLOPs of one micro-batch: the dense-equivalent model count, and what ptft and HF execute.
+    """Training FLOPs of one micro-batch: the model count (the work the objective needs), and what
+    ptft and HF execute.
 
     ``flops_per_token(config, S, m, nsp)`` × T tokens = encoder on T tokens with attention span S, the
-    MLM head on m·T rows, NSP once per T/S samples. Model: T = real tokens, S = Σl²/Σl, m = 1.
+    MLM head on m·T rows, NSP once per T/S samples. Model: T = real tokens, S = Σl²/Σl over the
+    sequences attention keeps apart (``cu_seqlens``: samples, or packed chunks), m = predicted / T.
     Executed: T = B × padded length (the encoder runs on pads), S = padded length; ptft's head on the
     masked rows, HF's on all T (its collator pads to the longest sample, as ptft with pad_to_multiple_of 1)."""
     import torch
@@ -265,13 +271,13 @@ def step_flops(bert, b: dict, lengths: np.ndarray, nsp: bool = True) -> dict[str
     from ptft_dist.pretrain.model import effective_seq_len, flops_per_token
 
     real = int(lengths.sum())
-    s_eff = effective_seq_len(torch.from_numpy(lengths))
+    s_eff = effective_seq_len(torch.from_numpy(np.diff(b["cu_seqlens"]) if "cu_seqlens" in b else lengths))
     ptft_positions = b["input_ids"].shape[0] * b["input_ids"].shape[1]
     hf_len = int(lengths.max())
     hf_positions = len(lengths) * hf_len
     masked = int((b["labels"] != -100).sum())
     return {
-        "model": real * flops_per_token(bert, s_eff, 1.0, nsp),
+        "model": real * flops_per_token(bert, s_eff, masked / max(real, 1), nsp),
         "executed_ptft": ptft_positions * flops_per_token(bert, b["input_ids"].shape[1], masked / ptft_positions, nsp),
         "executed_hf": hf_positions * flops_per_token(bert, hf_len, 1.0, nsp),
     }

@@ -145,7 +145,7 @@ def _pretrain_rows(rep: dict) -> list[list[Any]]:
     rows = [[f"tokens/s, {arch}{st['preset']} seq {st['seq_len']} mb {st['micro_batch']}, {st['steps']} steps ({peer})",
              p["tokens_per_s"], h.get("tokens_per_s"), _ratio(rep.get("ratio")), rep.get("target", "–"),
              rep.get("target_met", "–")],
-            ["MFU, model FLOPs (dense-equivalent, same for both)", pct(p, "mfu_model"), pct(h, "mfu_model"), "–", "–",
+            ["MFU, model FLOPs (the objective's work, same for both)", pct(p, "mfu_model"), pct(h, "mfu_model"), "–", "–",
              "–"],
             ["MFU, executed FLOPs (ptft: sparse MLM head; HF: dense)", pct(p, "mfu_executed"), pct(h, "mfu_executed"),
              "–", "–", "–"],
