@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -64,19 +65,41 @@ def missing_binaries() -> list[str]:
     return [b for b in SLURM_BINARIES if shutil.which(b, path=path) is None]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that are free on 127.0.0.1 right now."""
+    """``n`` distinct TCP ports that are free on 127.0.0.1 right now, below the kernel's ephemeral range.
+
+    A port from the ephemeral range can be taken by any auto-bound socket between this check and its
+    use: in a CI run ``srun`` bound its own I/O socket to the port a job's gloo store was then given
+    (EADDRINUSE), and the job's other rank retried for 30 minutes. ptft's jobs derive their ports
+    below that range for the same reason (``dist.discover.derived_port``)."""
+    low = _ephemeral_low()
+    candidates = list(range(max(1024, low - 2700), low))
+    random.Random().shuffle(candidates)
     socks, ports = [], []
     try:
-        while len(ports) < n:
+        for port in candidates:
+            if len(ports) == n:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("", 0))
+            try:
+                s.bind(("", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
-            ports.append(s.getsockname()[1])
+            ports.append(port)
     finally:
         for s in socks:
             s.close()
+    if len(ports) < n:
+        raise RuntimeError(f"no {n} free ports below the ephemeral range ({low})")
     return ports
 
 
@@ -266,8 +289,15 @@ class SlurmCluster:
             time.sleep(poll)
 
     def wait(self, job_id: int, timeout: float = 60.0, poll: float = 0.5) -> str:
-        """Block until the job ends; returns its final state (``COMPLETED``, ``FAILED``, ...)."""
-        return self.wait_state(job_id, TERMINAL_STATES, timeout=timeout, poll=poll)
+        """Block until the job ends; returns its final state (``COMPLETED``, ``FAILED``, ...). A job still
+        running at the timeout is cancelled, so it cannot hold the nodes through the next tests."""
+        try:
+            return self.wait_state(job_id, TERMINAL_STATES, timeout=timeout, poll=poll)
+        except TimeoutError:
+            subprocess.run(["scancel", "--signal=KILL", "--full", str(job_id)], env=self.env, capture_output=True,
+                           timeout=30)
+            subprocess.run(["scancel", str(job_id)], env=self.env, capture_output=True, timeout=30)
+            raise
 
     def node_info(self, name: str) -> dict[str, str]:
         proc = self.run(["scontrol", "show", "node", "-o", name])
