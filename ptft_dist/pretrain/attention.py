@@ -74,8 +74,9 @@ def varlen_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling):
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling)
 
 
-def _segments(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's sequence index and its column within that sequence (no host sync)."""
+def token_places(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of the ``total`` packed tokens' sequence index and its column within that sequence,
+    from cumulative lengths ``cu`` (no host sync)."""
     lens = cu[1:] - cu[:-1]
     seg = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens.long(), output_size=total)
     return seg, torch.arange(total, device=cu.device) - cu[:-1].long()[seg]
@@ -89,14 +90,14 @@ def pad_around(q, k, v, cu_q, max_q: int, scaling, dropout: float, rows_cu=None,
     only (an all-masked row would give NaN, and NaN * 0 in the backward would reach real gradients).
     """
     total, heads, dim = q.shape
-    seq, col = _segments(cu_q, total)
+    seq, col = token_places(cu_q, total)
     if rows_cu is None:
         n, width = cu_q.numel() - 1, max_q
         keep = (torch.arange(width, device=q.device)[None] < (cu_q[1:] - cu_q[:-1])[:, None])[:, None, None, :]
         slot = seq * width + col
     else:
         n, width = rows_cu.numel() - 1, int(rows_max)
-        row, row_col = _segments(rows_cu.to(q.device), total)
+        row, row_col = token_places(rows_cu.to(q.device), total)
         slot = row * width + row_col  # each token's place in the (rows * width) grid
         owner = -1 - torch.arange(n * width, device=q.device)  # pads: a sequence of their own
         owner = owner.index_copy(0, slot, seq).view(n, 1, width)

@@ -247,9 +247,7 @@ class MaskedLMPretrainer(nn.Module):
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
         max_seqlen = int(max_seqlen)
         if position_ids is None:  # each sequence counts from its own first token (a packed row: each chunk)
-            total = indices.numel()
-            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), cu_seqlens.diff().long(), output_size=total)
-            positions = torch.arange(total, device=device) - starts + A.first_position(self.config)
+            positions = attention.token_places(cu_seqlens, indices.numel())[1] + A.first_position(self.config)
         else:
             positions = position_ids.expand_as(input_ids).reshape(-1).index_select(0, indices)
         types = token_type_ids.reshape(-1).index_select(0, indices)[None]

@@ -467,7 +467,7 @@ class PretrainingStream(IterableDataset):
                             candidates=cand)
         rows = Rows(ids=ids, types=types, labels=labels, lengths=lengths, nsp=nsp, sample_ids=sample_ids)
         if self.spec.pack_samples:
-            rows.set_chunks([g[1][g[5]] for g in groups], [2 + g[3].la for g in groups])
+            rows.set_chunks([r[part_of] for _, r, _, _, _, part_of in groups], [2 + seg.la for _, _, _, seg, _, _ in groups])
         return rows
 
     def describe(self, epoch: int, positions: np.ndarray) -> list[dict]:
